@@ -1,0 +1,85 @@
+"""Developer commands for tsfn; needs nothing but python3 (>= 3.10).
+
+    python3 dev.py demo     run the demo (python -m tsfn), no install needed
+    python3 dev.py test     make .venv, install everything, run ruff, mypy, docs, pytest
+    python3 dev.py bench    run the benchmarks (writes benchmarks/results.{md,json})
+    python3 dev.py soak     run the long memory/soak tests
+    python3 dev.py docs     build the documentation site into site/
+
+`--python PATH` picks the interpreter for the virtual environment (default: the one
+running this script); each interpreter gets its own `.venv-X.Y`, so CI can test
+several Python versions side by side. Extra arguments after `--` go to pytest or
+to the benchmark runner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+EXTRAS = "test,bench,docs,examples"
+
+
+def _run(*cmd: str | Path) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True)
+
+
+def _venv(python: str) -> Path:
+    """Create (once) and update the virtual environment for `python`; return its python."""
+    version = subprocess.run(
+        [python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    venv = ROOT / f".venv-{version}"
+    bin_dir = venv / ("Scripts" if os.name == "nt" else "bin")
+    venv_python = bin_dir / "python"
+    if not venv_python.exists():
+        _run(python, "-m", "venv", venv)
+        _run(venv_python, "-m", "pip", "install", "-q", "--upgrade", "pip")
+    _run(venv_python, "-m", "pip", "install", "-q", "-e", f".[{EXTRAS}]")
+    return venv_python
+
+
+def _test(python: Path, pytest_args: list[str]) -> None:
+    _run(python, "-m", "ruff", "check", ".")
+    _run(python, "-m", "ruff", "format", "--check", ".")
+    _run(python, "-m", "mypy")
+    if (ROOT / "mkdocs.yml").exists():
+        _run(python, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", ROOT / "site")
+    _run(python, "-m", "pytest", "-m", "not soak", *pytest_args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("command", choices=["demo", "test", "bench", "soak", "docs"])
+    parser.add_argument("--python", default=sys.executable, help="interpreter for the venv")
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help="arguments after --")
+    args = parser.parse_args()
+    rest = [a for a in args.rest if a != "--"]
+    try:
+        if args.command == "demo":
+            # The demo needs only the standard library: run it from the source tree.
+            _run(args.python, "-m", "tsfn", *rest)
+            return
+        python = _venv(args.python)
+        if args.command == "test":
+            _test(python, rest)
+        elif args.command == "bench":
+            _run(python, "-m", "benchmarks", *rest)
+        elif args.command == "soak":
+            _run(python, "-m", "pytest", "-m", "soak", "--timeout=600", *rest)
+        else:
+            _run(python, "-m", "mkdocs", "build", "--strict", "--site-dir", ROOT / "site")
+    except subprocess.CalledProcessError as exc:
+        sys.exit(exc.returncode)
+
+
+if __name__ == "__main__":
+    main()
