@@ -1,0 +1,585 @@
+"""`ThreadsafeFunction`: Node-API's `napi_threadsafe_function` for asyncio.
+
+The data path reads top to bottom in this module:
+
+    call()      [lock] check closing, wait for room, append to the queue,
+                arm the wake-up unless one is already pending
+                -> loop.call_soon_threadsafe(_drain)     (once per batch, not per item)
+    _drain()    on the loop thread: [lock] take up to BATCH items
+                -> _deliver(item) for each: callback(data) or call_js(loop, cb, ctx, data)
+    _settle()   [lock] free their slots, wake blocked callers, re-arm or go idle
+    _finish()   once closing: leftovers to call_js(None, None, ctx, data) on abort,
+                then the finalizer, exactly once
+
+One `threading.Lock` guards everything producers share with the loop (the queue, the
+counts, the flags), so the class is correct without the GIL too. It is never held
+while user code runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import itertools
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from inspect import isawaitable
+from types import TracebackType
+from typing import Any, Generic, TypeVar, cast
+
+from ._checks import check_callable, check_count, check_name, check_timeout
+from ._errors import Closing, QueueFull, WouldDeadlock
+from ._loop import LoopPort, loop_or_running
+
+__all__ = ["ThreadsafeFunction"]
+
+T = TypeVar("T")
+
+# Items delivered per loop iteration before the drain yields to other callbacks.
+# Node's kMaxIterationCount: large enough to amortise the wake-up, small enough
+# that timers and I/O still get a turn while producers flood the queue.
+BATCH = 1000
+
+# How often a caller blocked on a full queue checks whether the loop was closed
+# directly with loop.close(), which nothing else can tell it (asyncio.run and
+# friends do tell: see LoopPort's shutdown hook).
+_CLOSED_LOOP_POLL = 0.1
+
+Callback = Callable[[T], object]
+CallJs = Callable[[asyncio.AbstractEventLoop | None, Callable[[T], object] | None, Any, T], object]
+
+
+class _Submission(Generic[T]):
+    """A queued item whose caller waits for the callback's result (`submit`)."""
+
+    __slots__ = ("data", "future")
+
+    def __init__(self, data: T, future: concurrent.futures.Future[Any]) -> None:
+        self.data = data
+        self.future = future
+
+
+class _Lease:
+    """Returned by `acquire()`: leaving the `with` block releases that producer."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: ThreadsafeFunction[Any]) -> None:
+        self._fn = fn
+
+    def __enter__(self) -> ThreadsafeFunction[Any]:
+        return self._fn
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._fn.release()
+
+
+class ThreadsafeFunction(Generic[T]):
+    """A function any thread may call; its callback runs on the event loop's thread.
+
+    Worker threads hand items to `call` (or `submit`); the loop delivers each one to
+    `callback(data)` (or `call_js(loop, callback, context, data)`) in the order each
+    thread called, in batches, with one loop wake-up per batch.
+
+    Producers are counted, as in Node-API: `initial_thread_count` at the start, one
+    more per `acquire`, one fewer per `release`. When the count reaches zero the
+    function closes: queued items are still delivered, then `finalizer(context)` runs.
+    `abort` closes at once and hands queued items to `call_js(None, None, context,
+    data)` instead.
+
+    Guarantees: any call that does not raise is delivered to the callback or handed
+    to `call_js` before the finalizer runs; the finalizer runs exactly once, on the
+    loop thread, after every item; no user code ever runs inside `call`.
+    """
+
+    def __init__(
+        self,
+        callback: Callback[T] | None = None,
+        *,
+        call_js: CallJs[T] | None = None,
+        context: Any = None,
+        max_queue_size: int = 0,
+        initial_thread_count: int = 1,
+        finalizer: Callable[[Any], object] | None = None,
+        name: str | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        check_callable(callback, "callback")
+        check_callable(call_js, "call_js")
+        if callback is None and call_js is None:
+            raise TypeError("ThreadsafeFunction needs a callback or call_js (both are None)")
+        check_count(max_queue_size, "max_queue_size", 0)
+        check_count(initial_thread_count, "initial_thread_count", 1)
+        check_callable(finalizer, "finalizer")
+        check_name(name)
+        self._loop = loop_or_running(loop, "ThreadsafeFunction")
+        self._port = LoopPort.of(self._loop)
+
+        self._callback = callback
+        self._call_js = call_js
+        self._context = context
+        self._finalizer = finalizer
+        self._name = name
+        self._max_queue_size = max_queue_size
+        # One comparison on the hot path: an unbounded queue never reaches maxsize.
+        self._limit = max_queue_size or sys.maxsize
+        # What a delivery calls: the callback itself, or call_js with its first three
+        # arguments bound, so _deliver pays for no branch.
+        self._invoke: Callable[[T], object] = (
+            cast(Callable[[T], object], callback)
+            if call_js is None
+            else functools.partial(call_js, self._loop, callback, context)
+        )
+        self._call_soon_threadsafe = self._port.call_soon_threadsafe
+        self._loop_is_closed = self._port.is_closed
+
+        # Shared with producer threads; guarded by _lock.
+        self._lock = threading.Lock()
+        self._not_full = threading.Condition(self._lock)
+        self._queue: deque[T] = deque()
+        self._size = 0  # accepted and not yet delivered: the queue plus the batch in hand
+        self._threads = initial_thread_count
+        self._closing = False
+        self._aborted = False
+        self._wake_pending = False  # a _drain is scheduled or running
+        self._waiters = 0  # callers blocked in _wait_for_room
+
+        # Loop thread only.
+        self._halt = False  # stop delivering after the current item: paused or aborted
+        self._paused = False
+        self._referenced = True
+        self._finalizing = False
+        self._closed = False
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._closed_waiters: list[asyncio.Future[None]] = []
+
+        self._port.hold()
+        self._port.register(self)
+
+    # -- producer side: any thread -----------------------------------------------------
+
+    def call(self, data: T = None, *, block: bool = True, timeout: float | None = None) -> None:  # type: ignore[assignment]
+        """Queue `data` for the callback; return once it is queued (not delivered).
+
+        On a full bounded queue: with ``block=False`` raise `QueueFull` at once; with
+        ``block=True`` wait for room, up to `timeout` seconds, then raise `QueueFull`.
+        On the loop thread a call that would have to wait raises `WouldDeadlock`.
+        Raises `Closing` once the function is closing; a caller waiting for room wakes
+        with `Closing` too. Items from one thread are delivered in call order.
+        """
+        if block is not True and block is not False:
+            raise TypeError(f"block must be a bool, got {block!r}")
+        if timeout is not None:
+            check_timeout(timeout)
+        with self._lock:
+            if self._closing or self._loop_is_closed():
+                raise self._closing_error()
+            if self._size >= self._limit:
+                self._wait_for_room(block, timeout)
+            self._queue.append(data)
+            self._size += 1
+            if self._wake_pending:
+                return  # coalesced: the pending drain will see this item
+            self._wake_pending = True
+        if not self._wake():
+            raise self._closing_error()
+
+    def call_nowait(self, data: T = None) -> None:  # type: ignore[assignment]
+        """`call(data, block=False)`: queue `data` or raise `QueueFull` at once."""
+        self.call(data, block=False)
+
+    def submit(
+        self,
+        data: T = None,  # type: ignore[assignment]
+        *,
+        block: bool = True,
+        timeout: float | None = None,
+    ) -> concurrent.futures.Future[Any]:
+        """Like `call`, and return a future for the callback's result.
+
+        The future gets the callback's return value (awaited on the loop first if it
+        is awaitable) or its exception. It is cancelled if the item is discarded by
+        `abort` or loop shutdown. Cancelling it before delivery discards the item.
+        """
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        # The queue holds plain items and submissions side by side, so one order holds
+        # for both; _deliver tells them apart by type.
+        self.call(cast(T, _Submission(data, future)), block=block, timeout=timeout)
+        return future
+
+    def acquire(self) -> _Lease:
+        """Count one more producer; raise `Closing` if closing.
+
+        The return value is a context manager whose exit calls `release()`:
+        ``with fn.acquire(): ...``.
+        """
+        with self._lock:
+            if self._closing:
+                raise self._closing_error()
+            self._threads += 1
+        return _Lease(self)
+
+    def release(self) -> None:
+        """Count one producer fewer. At zero the function starts closing.
+
+        Items already queued are still delivered, then the finalizer runs. Raises
+        `Closing` if the count is already zero (released more than acquired).
+        Allowed after `abort` while producers remain, as in Node-API.
+        """
+        with self._lock:
+            if self._threads == 0:
+                raise Closing(f"{self!r}: release() with no producer left to release")
+            self._threads -= 1
+            if self._threads or self._closing:
+                return
+            self._closing = True
+            self._not_full.notify_all()
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        self._wake()
+
+    def abort(self) -> None:
+        """Close now. Idempotent.
+
+        Further calls, and every caller waiting for room, raise `Closing`. Items still
+        queued are not given to the callback but to ``call_js(None, None, context,
+        data)`` (when `call_js` was given), so what they hold can be released; then
+        the finalizer runs, on the loop thread.
+        """
+        with self._lock:
+            if self._aborted:
+                return
+            self._aborted = self._closing = self._halt = True
+            self._not_full.notify_all()
+            self._wake_pending = True
+        # Always schedule: a paused drain keeps _wake_pending set without running.
+        self._wake()
+
+    def _wake(self) -> bool:
+        """Schedule a drain on the loop; False if the loop is closed."""
+        try:
+            self._call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop was closed under us
+            self._lose_loop()
+            return False
+        return True
+
+    def _wait_for_room(self, block: bool, timeout: float | None) -> None:
+        # Called with _lock held, with the queue full; returns with room for one item.
+        if not block or timeout == 0:
+            raise QueueFull(f"{self!r}: the queue is full ({self._max_queue_size} items)")
+        if self._port.on_loop_thread():
+            raise WouldDeadlock(
+                f"{self!r}: blocking call on the loop thread with the queue full; only "
+                "this thread can make room. Use call_nowait() or call it from another thread."
+            )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._waiters += 1
+        try:
+            while True:
+                if self._closing:
+                    raise self._closing_error()
+                if self._loop_is_closed():
+                    self._closing = True
+                    self._not_full.notify_all()
+                    raise self._closing_error()
+                if self._size < self._limit:
+                    return
+                wait = _CLOSED_LOOP_POLL
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        raise QueueFull(
+                            f"{self!r}: the queue stayed full for {timeout} s "
+                            f"({self._max_queue_size} items)"
+                        )
+                self._not_full.wait(wait)
+        finally:
+            self._waiters -= 1
+
+    def _lose_loop(self) -> None:
+        # The loop was closed directly (loop.close()): nothing will ever drain or
+        # finalize, so close for callers; queued items stay undelivered (see docs).
+        with self._lock:
+            self._closing = True
+            self._not_full.notify_all()
+
+    def _closing_error(self) -> Closing:
+        if self._loop_is_closed() and not self._finalizing:
+            return Closing(f"{self!r}: its event loop is closed")
+        return Closing(f"{self!r} is closing")
+
+    # -- loop side ---------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Deliver up to BATCH queued items (loop thread; scheduled by the wake-up)."""
+        if self._halt:
+            if self._aborted:
+                self._finish()
+            return  # paused: _resume() schedules the next drain
+        with self._lock:
+            queue = self._queue
+            if len(queue) <= BATCH:
+                batch: Iterable[T] = queue
+                self._queue = deque()
+            else:
+                batch = [queue.popleft() for _ in range(BATCH)]
+        delivered = 0
+        try:
+            for item in batch:
+                delivered += 1
+                self._deliver(item)
+                if self._halt:
+                    break
+        finally:
+            self._settle(batch, delivered)
+
+    def _settle(self, batch: Iterable[T], delivered: int) -> None:
+        # Free the delivered items' slots; put back what a halt (or an exception
+        # escaping a callback) left undelivered, ahead of anything queued since.
+        with self._lock:
+            rest = list(itertools.islice(batch, delivered, None))
+            if rest:
+                self._queue.extendleft(reversed(rest))
+            self._size -= delivered
+            if self._waiters and delivered:
+                self._not_full.notify(delivered)
+            more = bool(self._queue) and not self._halt
+            if not more and not self._halt:
+                # Cleared under the lock only when the queue is empty, so a producer
+                # that appends after this sees no drain pending and arms a new one.
+                self._wake_pending = False
+        if more:
+            # Next loop iteration, so other callbacks, timers and I/O run in between.
+            self._port.call_soon(self._drain)
+        else:
+            self._maybe_finish()
+
+    def _deliver(self, item: T) -> None:
+        future = None
+        if type(item) is _Submission:
+            future = item.future
+            item = item.data
+            if future.cancelled():
+                self._discard(item)
+                return
+        try:
+            result = self._invoke(item)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            _fail(future, exc)
+            raise
+        except BaseException as exc:
+            if future is None:
+                self._port.report(f"Exception in the callback of {self!r}", exc, tsfn=self)
+            else:
+                _fail(future, exc)
+            return
+        if result is not None and isawaitable(result):
+            self._track(asyncio.ensure_future(result, loop=self._loop), future)
+        elif future is not None:
+            _succeed(future, result)
+
+    def _track(self, task: asyncio.Future[Any], future: concurrent.futures.Future[Any] | None) -> None:
+        # An awaitable result: its item counts as delivered once it completes, so the
+        # finalizer waits for it (and abort cancels it).
+        self._tasks.add(task)
+        task.add_done_callback(functools.partial(self._task_done, future))
+
+    def _task_done(self, future: concurrent.futures.Future[Any] | None, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            if future is not None:
+                future.cancel()
+        elif (exc := task.exception()) is not None:
+            if future is None:
+                self._port.report(f"Exception in the callback of {self!r}", exc, tsfn=self)
+            else:
+                _fail(future, exc)
+        elif future is not None:
+            _succeed(future, task.result())
+        self._maybe_finish()
+
+    def _discard(self, item: T) -> None:
+        """Hand an undelivered item back to call_js(None, None, context, data)."""
+        if type(item) is _Submission:
+            item.future.cancel()
+            item = item.data
+        if self._call_js is None:
+            return
+        try:
+            self._call_js(None, None, self._context, item)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            self._port.report(f"Exception in call_js discarding an item of {self!r}", exc, tsfn=self)
+
+    def _maybe_finish(self) -> None:
+        with self._lock:
+            ready = self._aborted or (self._closing and not self._wake_pending)
+        if ready:
+            self._finish()
+
+    def _finish(self, *, wait_for_tasks: bool = True) -> None:
+        """Close on the loop thread: discard leftovers (abort), then the finalizer, once."""
+        if self._finalizing:
+            return
+        if self._aborted:
+            with self._lock:
+                leftovers, self._queue = self._queue, deque()
+                self._size = 0
+            for item in leftovers:
+                self._discard(item)
+            for task in self._tasks:
+                task.cancel()
+        if self._tasks and wait_for_tasks:
+            return  # the last task's _task_done calls us again
+        self._finalizing = True
+        self._port.unregister(self)
+        if self._referenced:
+            self._port.unhold()
+        try:
+            if self._finalizer is not None:
+                self._finalizer(self._context)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            self._port.report(f"Exception in the finalizer of {self!r}", exc, tsfn=self)
+        finally:
+            self._closed = True
+            waiters, self._closed_waiters = self._closed_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _shutdown(self) -> None:
+        # The loop is shutting down (LoopPort's hook, on the loop thread, loop still
+        # running): abort and finalize now; there will be no later iteration to wait for.
+        self.abort()
+        self._finish(wait_for_tasks=False)
+
+    def _pause(self) -> None:
+        """Stop delivering after the current item, keeping the wake-up armed (stream)."""
+        self._paused = self._halt = True
+
+    def _resume(self) -> None:
+        """Undo `_pause`: deliver again from the next loop iteration."""
+        if self._paused:
+            self._paused = False
+            self._halt = self._aborted
+            self._port.call_soon(self._drain)
+
+    # -- loop thread: liveness ---------------------------------------------------------
+
+    def ref(self) -> None:
+        """Keep `tsfn.run()` running until this function closes (the default).
+
+        Like Node's `napi_ref_threadsafe_function`: idempotent, not counted. Loop
+        thread only.
+        """
+        self._check_loop_thread("ref")
+        if not self._referenced and not self._finalizing:
+            self._referenced = True
+            self._port.hold()
+
+    def unref(self) -> None:
+        """Let `tsfn.run()` finish while this function is open (it is then aborted).
+
+        Idempotent, not counted. Loop thread only.
+        """
+        self._check_loop_thread("unref")
+        if self._referenced:
+            self._referenced = False
+            if not self._finalizing:
+                self._port.unhold()
+
+    def _check_loop_thread(self, method: str) -> None:
+        if not self._port.on_loop_thread():
+            raise RuntimeError(f"{self!r}: {method}() must be called on its loop's thread")
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def context(self) -> Any:
+        """The `context` object given at creation."""
+        return self._context
+
+    @property
+    def name(self) -> str | None:
+        """The `name` given at creation, or None."""
+        return self._name
+
+    @property
+    def thread_count(self) -> int:
+        """How many producers are counted now (acquired and not released)."""
+        return self._threads
+
+    @property
+    def closing(self) -> bool:
+        """True once no call can succeed: released to zero, aborted, or loop gone."""
+        return self._closing
+
+    @property
+    def closed(self) -> bool:
+        """True once the finalizer has run."""
+        return self._closed
+
+    def qsize(self) -> int:
+        """Items accepted and not yet delivered (or discarded)."""
+        return self._size
+
+    async def wait_closed(self) -> None:
+        """Return after the finalizer has run. Await it on the function's loop."""
+        if self._closed:
+            return
+        if asyncio.get_running_loop() is not self._loop:
+            raise RuntimeError(f"{self!r}: wait_closed() must be awaited on its own loop")
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._closed_waiters.append(waiter)
+        await waiter
+
+    async def __aenter__(self) -> ThreadsafeFunction[T]:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            self.abort()  # a failed body must not wait for producers that may never come
+        await self.wait_closed()
+
+    def __repr__(self) -> str:
+        if self._closed:
+            state = "closed"
+        elif self._closing:
+            state = "aborted" if self._aborted else "closing"
+        else:
+            state = "open"
+        label = self._name or getattr(self._callback or self._call_js, "__qualname__", "?")
+        return (
+            f"<ThreadsafeFunction {label!r} {state} threads={self._threads} queued={self._size}>"
+        )
+
+
+def _succeed(future: concurrent.futures.Future[Any], result: object) -> None:
+    # The caller may have cancelled the future meanwhile; that is its right.
+    if not future.cancelled():
+        try:
+            future.set_result(result)
+        except concurrent.futures.InvalidStateError:
+            pass
+
+
+def _fail(future: concurrent.futures.Future[Any] | None, exc: BaseException) -> None:
+    if future is not None and not future.cancelled():
+        try:
+            future.set_exception(exc)
+        except concurrent.futures.InvalidStateError:
+            pass

@@ -1,0 +1,177 @@
+"""The loop-facing seam: everything tsfn asks of an event loop, in one module.
+
+A ThreadsafeFunction or an AsyncWork needs four things from the loop it belongs to:
+schedule a callback from any thread, tell whether the current thread runs the loop,
+report an exception the way the loop reports its own, and learn that the loop is
+shutting down. `LoopPort` is that seam; supporting another loop (trio through anyio)
+means another implementation of it and nothing else.
+
+The port also keeps the loop's *liveness* count, Node's `uv_ref`: how many
+referenced functions and pending works still want the loop to run. `tsfn.run` waits
+for it to reach zero (see `_run.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from collections.abc import AsyncGenerator
+from typing import Any, Protocol
+
+__all__ = ["LoopPort", "Shutdownable"]
+
+
+class Shutdownable(Protocol):
+    """Something that must be closed on the loop thread before its loop closes."""
+
+    def _shutdown(self) -> None: ...
+
+
+class LoopPort:
+    """One per event loop: scheduling, thread checks, error reports, shutdown, liveness."""
+
+    # One port per loop. Weak keys, so a port never keeps a finished loop alive.
+    _ports: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopPort] = (
+        weakref.WeakKeyDictionary()
+    )
+    _ports_lock = threading.Lock()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        # Bound methods, looked up once: `call_soon_threadsafe` is on the hot path.
+        self.call_soon_threadsafe = loop.call_soon_threadsafe
+        self.call_soon = loop.call_soon
+        self.is_closed = loop.is_closed
+        # Guards `_members`, `_referenced`, `_shut_down`: functions and works register
+        # from any thread.
+        self._lock = threading.Lock()
+        self._members: set[Shutdownable] = set()
+        self._referenced = 0
+        self._shut_down = False
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        self._sentinel: AsyncGenerator[None, None] | None = None
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> LoopPort:
+        """The port of `loop`, created (and its shutdown hook armed) on first use."""
+        with cls._ports_lock:
+            port = cls._ports.get(loop)
+            if port is None:
+                port = cls._ports[loop] = cls(loop)
+                new = True
+            else:
+                new = False
+        if new and not loop.is_closed():
+            if port.on_loop_thread():
+                port._arm_shutdown_hook()
+            else:
+                # The hook must be armed on the loop thread while the loop runs.
+                loop.call_soon_threadsafe(port._arm_shutdown_hook)
+        return port
+
+    def on_loop_thread(self) -> bool:
+        """True when the calling thread is the one running this loop."""
+        return asyncio._get_running_loop() is self.loop
+
+    def report(self, message: str, exc: BaseException, **extra: Any) -> None:
+        """Hand `exc` to the loop's exception handler, as asyncio does for callbacks."""
+        self.loop.call_exception_handler({"message": message, "exception": exc, **extra})
+
+    # -- shutdown ---------------------------------------------------------------------
+
+    def _arm_shutdown_hook(self) -> None:
+        # There is no public "the loop is shutting down" callback. But asyncio.run,
+        # asyncio.Runner (and uvloop, and tsfn.run) call `loop.shutdown_asyncgens()`
+        # while the loop still runs, right before closing it, and that closes every
+        # async generator the loop has seen start. So we start one that never ends:
+        # its `finally` is our shutdown callback, on the loop thread, loop running.
+        if self._sentinel is not None or self.loop.is_closed():
+            return
+        self._sentinel = _shutdown_sentinel(self)
+        try:
+            # Run it to its first `yield`: that call registers it with the loop's
+            # asyncgen `firstiter` hook, which only the running loop has installed.
+            self._sentinel.asend(None).send(None)
+        except StopIteration:
+            pass
+
+    def register(self, member: Shutdownable) -> None:
+        """Have `member._shutdown()` called on the loop thread when the loop shuts down."""
+        with self._lock:
+            shut_down = self._shut_down
+            if not shut_down:
+                self._members.add(member)
+        if shut_down:
+            # Created after shutdown began (e.g. from an executor thread being joined):
+            # close it as soon as possible rather than leave it open forever.
+            self.call_soon_threadsafe(member._shutdown)
+
+    def unregister(self, member: Shutdownable) -> None:
+        with self._lock:
+            self._members.discard(member)
+
+    def shutdown(self) -> None:
+        """Shut every registered member down. Loop thread only; called by the sentinel."""
+        with self._lock:
+            self._shut_down = True
+            members = list(self._members)
+            self._members.clear()
+        for member in members:
+            member._shutdown()
+        self._wake_idle_waiters()
+
+    # -- liveness (Node's uv_ref / uv_unref) -----------------------------------------
+
+    def hold(self) -> None:
+        """One more reason for `tsfn.run` to keep the loop running. Any thread."""
+        with self._lock:
+            self._referenced += 1
+
+    def unhold(self) -> None:
+        """One reason fewer. Loop thread only: it may wake `wait_idle`."""
+        with self._lock:
+            self._referenced -= 1
+            idle = self._referenced == 0
+        if idle:
+            self._wake_idle_waiters()
+
+    async def wait_idle(self) -> None:
+        """Return once nothing holds the loop (Node's loop would then exit)."""
+        while True:
+            with self._lock:
+                if self._referenced == 0 or self._shut_down:
+                    return
+            waiter = self.loop.create_future()
+            self._idle_waiters.append(waiter)
+            await waiter
+
+    def _wake_idle_waiters(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+async def _shutdown_sentinel(port: LoopPort) -> AsyncGenerator[None, None]:
+    try:
+        yield
+    finally:
+        port.shutdown()
+
+
+def loop_or_running(loop: asyncio.AbstractEventLoop | None, owner: str) -> asyncio.AbstractEventLoop:
+    """`loop` if given (checked), else the running loop, with a clear error if none."""
+    if loop is None:
+        try:
+            return asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                f"{owner} needs an event loop: create it inside a coroutine running on "
+                "the loop, or pass loop=..."
+            ) from None
+    if not isinstance(loop, asyncio.AbstractEventLoop):
+        raise TypeError(f"loop must be an asyncio event loop or None, got {loop!r}")
+    if loop.is_closed():
+        raise RuntimeError(f"loop must not be closed, got {loop!r}")
+    return loop
