@@ -57,7 +57,9 @@ def _test(python: Path, pytest_args: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("command", choices=["demo", "test", "bench", "soak", "docs"])
     parser.add_argument("--python", default=sys.executable, help="interpreter for the venv")
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="arguments after --")

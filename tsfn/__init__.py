@@ -1,17 +1,28 @@
 """tsfn: Node-API's threadsafe functions for asyncio.
 
 Worker threads `call` a `ThreadsafeFunction`; its callback runs on the event loop's
-thread. See https://github.com/ (docs/) for the guide; `ThreadsafeFunction`,
-`AsyncWork`, `stream` and `run` are the whole public API.
+thread, with backpressure, producer counting, abort and a finalizer. `AsyncWork` runs
+a function on a worker and completes on the loop; `stream` turns a worker's results
+into an async iterator; `run` is `asyncio.run` with Node's event-loop liveness.
 """
 
+from ._cancel import cancelled
 from ._errors import Closing, QueueFull, TsfnError, WouldDeadlock
 from ._function import ThreadsafeFunction
+from ._run import run
+from ._stream import Stream, stream
+from ._work import AsyncWork, Status
 
 __all__ = [
+    "AsyncWork",
     "Closing",
     "QueueFull",
+    "Status",
+    "Stream",
     "ThreadsafeFunction",
     "TsfnError",
     "WouldDeadlock",
+    "cancelled",
+    "run",
+    "stream",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import sys
@@ -362,7 +363,7 @@ class ThreadsafeFunction(Generic[T]):
 
     def _deliver(self, item: T) -> None:
         future = None
-        if type(item) is _Submission:
+        if isinstance(item, _Submission):
             future = item.future
             item = item.data
             if future.cancelled():
@@ -384,13 +385,17 @@ class ThreadsafeFunction(Generic[T]):
         elif future is not None:
             _succeed(future, result)
 
-    def _track(self, task: asyncio.Future[Any], future: concurrent.futures.Future[Any] | None) -> None:
+    def _track(
+        self, task: asyncio.Future[Any], future: concurrent.futures.Future[Any] | None
+    ) -> None:
         # An awaitable result: its item counts as delivered once it completes, so the
         # finalizer waits for it (and abort cancels it).
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._task_done, future))
 
-    def _task_done(self, future: concurrent.futures.Future[Any] | None, task: asyncio.Future[Any]) -> None:
+    def _task_done(
+        self, future: concurrent.futures.Future[Any] | None, task: asyncio.Future[Any]
+    ) -> None:
         self._tasks.discard(task)
         if task.cancelled():
             if future is not None:
@@ -406,7 +411,7 @@ class ThreadsafeFunction(Generic[T]):
 
     def _discard(self, item: T) -> None:
         """Hand an undelivered item back to call_js(None, None, context, data)."""
-        if type(item) is _Submission:
+        if isinstance(item, _Submission):
             item.future.cancel()
             item = item.data
         if self._call_js is None:
@@ -416,7 +421,9 @@ class ThreadsafeFunction(Generic[T]):
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:
-            self._port.report(f"Exception in call_js discarding an item of {self!r}", exc, tsfn=self)
+            self._port.report(
+                f"Exception in call_js discarding an item of {self!r}", exc, tsfn=self
+            )
 
     def _maybe_finish(self) -> None:
         with self._lock:
@@ -563,23 +570,17 @@ class ThreadsafeFunction(Generic[T]):
         else:
             state = "open"
         label = self._name or getattr(self._callback or self._call_js, "__qualname__", "?")
-        return (
-            f"<ThreadsafeFunction {label!r} {state} threads={self._threads} queued={self._size}>"
-        )
+        return f"<ThreadsafeFunction {label!r} {state} threads={self._threads} queued={self._size}>"
 
 
 def _succeed(future: concurrent.futures.Future[Any], result: object) -> None:
     # The caller may have cancelled the future meanwhile; that is its right.
     if not future.cancelled():
-        try:
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
             future.set_result(result)
-        except concurrent.futures.InvalidStateError:
-            pass
 
 
 def _fail(future: concurrent.futures.Future[Any] | None, exc: BaseException) -> None:
     if future is not None and not future.cancelled():
-        try:
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
             future.set_exception(exc)
-        except concurrent.futures.InvalidStateError:
-            pass

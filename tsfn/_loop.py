@@ -14,10 +14,11 @@ for it to reach zero (see `_run.py`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import weakref
 from collections.abc import AsyncGenerator
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 __all__ = ["LoopPort", "Shutdownable"]
 
@@ -32,7 +33,7 @@ class LoopPort:
     """One per event loop: scheduling, thread checks, error reports, shutdown, liveness."""
 
     # One port per loop. Weak keys, so a port never keeps a finished loop alive.
-    _ports: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopPort] = (
+    _ports: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopPort]] = (
         weakref.WeakKeyDictionary()
     )
     _ports_lock = threading.Lock()
@@ -89,12 +90,11 @@ class LoopPort:
         if self._sentinel is not None or self.loop.is_closed():
             return
         self._sentinel = _shutdown_sentinel(self)
-        try:
-            # Run it to its first `yield`: that call registers it with the loop's
-            # asyncgen `firstiter` hook, which only the running loop has installed.
+        # Run it to its first `yield` (which ends the `asend` with StopIteration):
+        # that registers it with the loop's asyncgen `firstiter` hook, which only the
+        # running loop has installed.
+        with contextlib.suppress(StopIteration):
             self._sentinel.asend(None).send(None)
-        except StopIteration:
-            pass
 
     def register(self, member: Shutdownable) -> None:
         """Have `member._shutdown()` called on the loop thread when the loop shuts down."""
@@ -160,7 +160,9 @@ async def _shutdown_sentinel(port: LoopPort) -> AsyncGenerator[None, None]:
         port.shutdown()
 
 
-def loop_or_running(loop: asyncio.AbstractEventLoop | None, owner: str) -> asyncio.AbstractEventLoop:
+def loop_or_running(
+    loop: asyncio.AbstractEventLoop | None, owner: str
+) -> asyncio.AbstractEventLoop:
     """`loop` if given (checked), else the running loop, with a clear error if none."""
     if loop is None:
         try:

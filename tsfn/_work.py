@@ -1,0 +1,231 @@
+"""`AsyncWork`: Node-API's `napi_async_work` (create / queue / cancel) for asyncio.
+
+`execute(data)` runs on a worker, `complete(status, data)` later on the loop thread,
+and the work is awaitable for `execute`'s result. Like Node, `cancel()` succeeds only
+while the work waits for a worker; once it runs, the worker may poll
+`tsfn.cancelled()` instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import functools
+import threading
+from collections.abc import Callable, Generator
+from typing import Any, Generic, TypeVar
+
+from ._cancel import CancelFlag, run_with_flag
+from ._checks import check_callable, check_name
+from ._loop import LoopPort
+
+__all__ = ["AsyncWork", "Status"]
+
+D = TypeVar("D")
+R = TypeVar("R")
+
+
+class Status(enum.Enum):
+    """How an AsyncWork ended, as passed to `complete` (Node's `napi_status`)."""
+
+    OK = "ok"
+    """`execute` returned."""
+    CANCELLED = "cancelled"
+    """`cancel()` took it off the queue before it started; `execute` never ran."""
+    ERROR = "error"
+    """`execute` raised."""
+
+
+class _Gate:
+    """Decides, once, whether the work starts or is cancelled first.
+
+    Needed for the loop's default executor, whose future tsfn never sees (asyncio
+    offers no public way to submit to it but `run_in_executor`). For an executor
+    passed in, the executor's own future decides, which also works across processes.
+    """
+
+    __slots__ = ("_lock", "_state")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = "pending"
+
+    def start(self) -> bool:
+        with self._lock:
+            if self._state == "pending":
+                self._state = "started"
+        return self._state == "started"
+
+    def cancel(self) -> bool:
+        with self._lock:
+            if self._state == "pending":
+                self._state = "cancelled"
+        return self._state == "cancelled"
+
+
+class _Skipped(Exception):
+    """Raised in the worker when the gate says the work was cancelled first."""
+
+
+def _gated(gate: _Gate, func: Callable[[], R]) -> R:
+    if not gate.start():
+        raise _Skipped
+    return func()
+
+
+class AsyncWork(Generic[D, R]):
+    """Run `execute(data)` on a worker, then `complete(status, data)` on the loop.
+
+    `await work` returns `execute`'s return value, raises its exception, or raises
+    `asyncio.CancelledError` if the work was cancelled before it started. Awaiting a
+    work that was not queued queues it. Until `complete` has run, the work keeps
+    `tsfn.run()` alive, like a referenced ThreadsafeFunction.
+
+    `executor` is any `concurrent.futures.Executor`; by default the loop's default
+    executor (`loop.set_default_executor` applies). With a `ProcessPoolExecutor`,
+    `execute` and `data` must be picklable and `tsfn.cancelled()` is always False.
+    """
+
+    def __init__(
+        self,
+        execute: Callable[[D], R],
+        complete: Callable[[Status, D], object] | None = None,
+        *,
+        data: D = None,  # type: ignore[assignment]
+        executor: concurrent.futures.Executor | None = None,
+        name: str | None = None,
+    ) -> None:
+        check_callable(execute, "execute", optional=False)
+        check_callable(complete, "complete")
+        if executor is not None and not isinstance(executor, concurrent.futures.Executor):
+            raise TypeError(
+                f"executor must be a concurrent.futures.Executor or None, got {executor!r}"
+            )
+        check_name(name)
+        self._execute = execute
+        self._complete = complete
+        self._data = data
+        self._executor = executor
+        self._name = name
+        self._flag = CancelFlag()
+        self._gate = _Gate()
+        self._executor_future: concurrent.futures.Future[R] | None = None
+        self._result: asyncio.Future[R] | None = None
+        self._port: LoopPort | None = None
+        self._status: Status | None = None
+
+    @property
+    def name(self) -> str | None:
+        """The `name` given at creation, or None."""
+        return self._name
+
+    @property
+    def data(self) -> D:
+        """The `data` given at creation, as passed to `execute` and `complete`."""
+        return self._data
+
+    @property
+    def status(self) -> Status | None:
+        """How the work ended, once `complete` has run; None before."""
+        return self._status
+
+    def queue(self) -> AsyncWork[D, R]:
+        """Schedule the work on its executor. Once only; call it on the loop thread."""
+        if self._result is not None:
+            raise RuntimeError(f"{self!r} was already queued; an AsyncWork runs once")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                f"{self!r}: queue() must be called on a running event loop"
+            ) from None
+        self._port = LoopPort.of(loop)
+        self._result = loop.create_future()
+        job = functools.partial(
+            run_with_flag, self._flag, functools.partial(self._execute, self._data)
+        )
+        if self._executor is None:
+            done: asyncio.Future[R] = loop.run_in_executor(None, _gated, self._gate, job)
+        else:
+            self._executor_future = self._executor.submit(job)
+            done = asyncio.wrap_future(self._executor_future, loop=loop)
+        done.add_done_callback(self._on_done)
+        self._port.hold()
+        self._port.register(self)
+        return self
+
+    def cancel(self) -> bool:
+        """Cancel the work if it has not started; return whether it was.
+
+        True: `execute` will not run and `complete` gets `Status.CANCELLED` (later, on
+        the loop thread, never inside this call). False: it is running or done (Node:
+        `napi_generic_failure`), or it was never queued.
+        """
+        if self._executor_future is not None:
+            return self._executor_future.cancel()
+        if self._result is None:
+            return False
+        return self._gate.cancel()
+
+    def _on_done(self, done: asyncio.Future[R]) -> None:
+        # On the loop thread, once the worker is through (or the work was cancelled).
+        assert self._result is not None
+        assert self._port is not None
+        exc = None if done.cancelled() else done.exception()
+        if done.cancelled() or isinstance(exc, _Skipped):
+            self._status = Status.CANCELLED
+        elif exc is not None:
+            self._status = Status.ERROR
+        else:
+            self._status = Status.OK
+        try:
+            if self._complete is not None:
+                self._complete(self._status, self._data)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as error:
+            self._port.report(f"Exception in the complete callback of {self!r}", error, work=self)
+        finally:
+            self._port.unregister(self)
+            self._port.unhold()
+            if self._status is Status.CANCELLED:
+                self._result.cancel()
+            elif exc is not None:
+                self._result.set_exception(exc)
+                if self._complete is not None:
+                    # complete() was told (Status.ERROR): no "exception was never
+                    # retrieved" log if nobody awaits the work.
+                    self._result.exception()
+            else:
+                self._result.set_result(done.result())
+
+    def _shutdown(self) -> None:
+        # The loop is shutting down: whatever has not started never will, and a
+        # running execute is told through tsfn.cancelled().
+        self.cancel()
+        self._flag.set()
+
+    def __await__(self) -> Generator[Any, None, R]:
+        return self._wait().__await__()
+
+    async def _wait(self) -> R:
+        if self._result is None:
+            self.queue()
+        assert self._result is not None
+        try:
+            return await asyncio.shield(self._result)
+        except asyncio.CancelledError:
+            # The awaiting task was cancelled, not the work: stop the work if it has
+            # not started, otherwise let execute see tsfn.cancelled().
+            if not self._result.cancelled() and not self.cancel():
+                self._flag.set()
+            raise
+
+    def __repr__(self) -> str:
+        label = self._name or getattr(self._execute, "__qualname__", "?")
+        if self._status is not None:
+            state = self._status.value
+        else:
+            state = "queued" if self._result is not None else "new"
+        return f"<AsyncWork {label!r} {state}>"
