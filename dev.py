@@ -53,7 +53,10 @@ def _test(python: Path, pytest_args: list[str]) -> None:
     _run(python, "-m", "mypy")
     if (ROOT / "mkdocs.yml").exists():
         _run(python, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", ROOT / "site")
-    _run(python, "-m", "pytest", "-m", "not soak", *pytest_args)
+    # Development mode (-X dev: resource warnings, debug hooks) and asyncio's debug
+    # mode (thread checks in call_soon, slow-callback logs) catch misuse early.
+    os.environ["PYTHONASYNCIODEBUG"] = "1"
+    _run(python, "-X", "dev", "-m", "pytest", "-m", "not soak", *pytest_args)
 
 
 def main() -> None:

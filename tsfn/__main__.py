@@ -52,16 +52,14 @@ async def _heartbeat(lags: list[float]) -> None:
         lags.append(time.perf_counter() - start - HEARTBEAT)
 
 
-async def main(pattern: re.Pattern[str], root: Path, workers: int, show: int) -> int:
-    files = sorted(root.rglob("*.py"))
-    shown: list[str] = []
+async def main(pattern: re.Pattern[str], files: list[Path], workers: int, show: int) -> int:
+    """Search `files` on `workers` threads, print the first `show` hits; return the count."""
     count = 0
 
     def on_hit(hit: str) -> None:  # runs on the loop thread, one call per hit
         nonlocal count
         count += 1
         if count <= show:
-            shown.append(hit)
             print(hit)
 
     lags: list[float] = []
@@ -81,7 +79,7 @@ async def main(pattern: re.Pattern[str], root: Path, workers: int, show: int) ->
         print(f"... and {count - show} more")
     worst = max(lags, default=0.0) * 1000
     print(
-        f"\n{count} hits for {pattern.pattern!r} in {searched} files under {root} "
+        f"\n{count} hits for {pattern.pattern!r} in {searched} files "
         f"in {elapsed:.2f} s with {workers} worker threads"
     )
     print(f"heartbeat: {len(lags)} ticks every {HEARTBEAT * 1000:.0f} ms, worst lag {worst:.1f} ms")
@@ -92,7 +90,10 @@ def cli(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tsfn", description=__doc__.split("\n\n")[1])
     parser.add_argument("pattern", nargs="?", default=r"\bthread", help="regex to search for")
     parser.add_argument(
-        "--root", type=Path, default=Path(sysconfig.get_paths()["stdlib"]), help="directory to search"
+        "--root",
+        type=Path,
+        default=Path(sysconfig.get_paths()["stdlib"]),
+        help="directory to search",
     )
     parser.add_argument("--workers", type=int, default=4, help="worker threads (default 4)")
     parser.add_argument("--show", type=int, default=20, help="hits to print (default 20)")
@@ -103,7 +104,10 @@ def cli(argv: list[str] | None = None) -> None:
         pattern = re.compile(args.pattern)
     except re.error as exc:
         parser.error(f"bad pattern {args.pattern!r}: {exc}")
-    tsfn.run(main(pattern, args.root, args.workers, args.show))
+    # The standard library only: third-party packages installed beside it are skipped.
+    files = sorted(p for p in args.root.rglob("*.py") if "site-packages" not in p.parts)
+    print(f"searching {len(files)} files under {args.root} for {pattern.pattern!r}\n")
+    tsfn.run(main(pattern, files, args.workers, args.show))
 
 
 if __name__ == "__main__":

@@ -158,30 +158,39 @@ class AsyncWork(Generic[D, R]):
     def cancel(self) -> bool:
         """Cancel the work if it has not started; return whether it was.
 
-        True: `execute` will not run and `complete` gets `Status.CANCELLED` (later, on
+        True: `execute` will not run and `complete` gets `Status.CANCELLED` (soon, on
         the loop thread, never inside this call). False: it is running or done (Node:
         `napi_generic_failure`), or it was never queued.
         """
         if self._executor_future is not None:
+            # The executor's future completes as cancelled and _on_done follows.
             return self._executor_future.cancel()
-        if self._result is None:
+        if self._port is None or not self._gate.cancel():
             return False
-        return self._gate.cancel()
+        # The default executor still holds the job and will skip it when a worker
+        # frees up; complete now rather than then.
+        self._port.call_soon_threadsafe(self._settle, Status.CANCELLED, None, None)
+        return True
 
     def _on_done(self, done: asyncio.Future[R]) -> None:
-        # On the loop thread, once the worker is through (or the work was cancelled).
+        # On the loop thread, once the executor is through with the job.
+        if done.cancelled() or isinstance(done.exception(), _Skipped):
+            self._settle(Status.CANCELLED, None, None)
+        elif (exc := done.exception()) is not None:
+            self._settle(Status.ERROR, None, exc)
+        else:
+            self._settle(Status.OK, done.result(), None)
+
+    def _settle(self, status: Status, result: R | None, exc: BaseException | None) -> None:
+        """Run `complete`, then wake the awaiters. Loop thread; first call wins."""
         assert self._result is not None
         assert self._port is not None
-        exc = None if done.cancelled() else done.exception()
-        if done.cancelled() or isinstance(exc, _Skipped):
-            self._status = Status.CANCELLED
-        elif exc is not None:
-            self._status = Status.ERROR
-        else:
-            self._status = Status.OK
+        if self._status is not None:
+            return  # a cancelled job that the default executor skipped only now
+        self._status = status
         try:
             if self._complete is not None:
-                self._complete(self._status, self._data)
+                self._complete(status, self._data)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as error:
@@ -189,7 +198,7 @@ class AsyncWork(Generic[D, R]):
         finally:
             self._port.unregister(self)
             self._port.unhold()
-            if self._status is Status.CANCELLED:
+            if status is Status.CANCELLED:
                 self._result.cancel()
             elif exc is not None:
                 self._result.set_exception(exc)
@@ -198,7 +207,7 @@ class AsyncWork(Generic[D, R]):
                     # retrieved" log if nobody awaits the work.
                     self._result.exception()
             else:
-                self._result.set_result(done.result())
+                self._result.set_result(result)  # type: ignore[arg-type]
 
     def _shutdown(self) -> None:
         # The loop is shutting down: whatever has not started never will, and a
