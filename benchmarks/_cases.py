@@ -300,4 +300,3 @@ async def _timed_stream(consume: Awaitable[int], n: int, timeout: float) -> floa
     if total != n * (n - 1) // 2:
         raise Failed(f"wrong result: sum {total}, expected {n * (n - 1) // 2}")
     return elapsed
-

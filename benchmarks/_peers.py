@@ -179,11 +179,12 @@ class JanusBridge(Bridge):
     async def start(self) -> None:
         import janus
 
-        self.queue: janus.Queue[Any] = janus.Queue(self.maxsize)
+        self.queue: Any = janus.Queue(self.maxsize)
         self._consume(self.queue.async_q.get)
 
     def sender(self) -> Send:
-        return self.queue.sync_q.put
+        send: Send = self.queue.sync_q.put
+        return send
 
     async def stop(self) -> None:
         await super().stop()

@@ -485,8 +485,9 @@ class ThreadsafeFunction(Generic[T]):
     def _resume(self) -> None:
         """Undo `_pause`: deliver again from the next loop iteration."""
         if self._paused:
-            self._paused = False
-            self._halt = self._aborted
+            with self._lock:  # abort() may be setting _halt on another thread
+                self._paused = False
+                self._halt = self._aborted
             self._port.call_soon(self._drain)
 
     # -- loop thread: liveness ---------------------------------------------------------
