@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import warnings
 import weakref
 from collections.abc import AsyncGenerator
 from typing import Any, ClassVar, Protocol
@@ -92,9 +93,15 @@ class LoopPort:
         self._sentinel = _shutdown_sentinel(self)
         # Run it to its first `yield` (which ends the `asend` with StopIteration):
         # that registers it with the loop's asyncgen `firstiter` hook, which only the
-        # running loop has installed.
-        with contextlib.suppress(StopIteration):
-            self._sentinel.asend(None).send(None)
+        # running loop has installed. If the loop already ran shutdown_asyncgens()
+        # (we are armed by a function created during the executor shutdown that
+        # follows), the hook says so with a ResourceWarning: shut down right away.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            with contextlib.suppress(StopIteration):
+                self._sentinel.asend(None).send(None)
+        if any(issubclass(w.category, ResourceWarning) for w in caught):
+            self.shutdown()
 
     def register(self, member: Shutdownable) -> None:
         """Have `member._shutdown()` called on the loop thread when the loop shuts down."""

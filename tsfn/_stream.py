@@ -6,10 +6,10 @@ worker: `emit` is a blocking `call`, the worker's return is its `release`, and t
 finalizer marks the end of the stream, so every item emitted before the end (or
 before an exception) is read first.
 
-Backpressure counts every buffer. The function's queue holds at most
-`max_queue_size` items and the stream keeps at most one delivered item that the
-consumer has not read yet: it pauses the function's drain until the consumer reads
-it. So the worker is never more than `max_queue_size + 1` items ahead.
+Backpressure counts every buffer: a delivered item keeps its slot in the function's
+bounded queue until the consumer has read it, so the queue and the stream's buffer
+together hold at most `max_queue_size` items, and the worker is never more than
+`max_queue_size + 1` items ahead (the `+ 1` is the item in its hand).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class Stream(Generic[Y, R]):
         self._seen_end = False  # the consumer got StopAsyncIteration or the error
         self._error: BaseException | None = None
         self._result: R | None = None
-        # Queue mode: at most one delivered, unread item (see the module docstring).
+        # Queue mode: delivered items the consumer has not read (they keep their slots).
         self._buffer: deque[Y] = deque()
         # Latest mode: one slot the worker overwrites, and whether a wake-up is queued.
         self._slot_lock = threading.Lock()
@@ -147,7 +147,6 @@ class Stream(Generic[Y, R]):
         assert self._fn is not None
         if not self._latest:
             self._buffer.append(item)
-            self._fn._pause()  # until the consumer reads it
         self._wake_consumer()
 
     def _on_end(self, _context: object) -> None:
@@ -163,7 +162,7 @@ class Stream(Generic[Y, R]):
             if not self._buffer:
                 return False, None
             assert self._fn is not None
-            self._fn._resume()
+            self._fn._consumed()
             return True, self._buffer.popleft()
         with self._slot_lock:
             if not self._slot_full:
@@ -201,6 +200,7 @@ class Stream(Generic[Y, R]):
             finalizer=self._on_end,
             name=f"stream({getattr(self._func, '__qualname__', '?')})",
         )
+        self._fn._read_by_consumer()
         try:
             self._worker = loop.run_in_executor(self._executor, self._run_worker)
         except BaseException:
