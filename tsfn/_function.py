@@ -368,7 +368,7 @@ class ThreadsafeFunction(Generic[T]):
             return
         queue = self._queue
         count = min(len(queue), BATCH)
-        if not self._reader_frees_slots:
+        if self._bounded and not self._reader_frees_slots:
             # Free the slots now, not after delivery, so producers refill the queue
             # while the loop delivers.
             self._free_slots(count)
@@ -416,12 +416,12 @@ class ThreadsafeFunction(Generic[T]):
                 with contextlib.suppress(IndexError):
                     self._wake_token.pop()
                     self._port.call_soon(self._drain)
-            else:
+            elif self._closing:
                 self._maybe_finish()
 
     def _free_slots(self, count: int) -> None:
         """Give `count` slots back to producers (negative: take them back)."""
-        if self._bounded and count:
+        if self._bounded:
             with self._lock:
                 self._slots -= count
                 if self._waiters and count > 0:
