@@ -1,0 +1,471 @@
+"""Results of one benchmark run: the rows, the markdown tables, the JSON, the targets.
+
+Ratios are only taken between rows of the same run (these are noisy 2-core machines:
+absolute numbers drift from run to run, ratios taken side by side hold). ``xraw`` is
+a row's rate over `call_soon_threadsafe`'s in the same loop, producer count and queue
+(bounded: `call_soon_threadsafe` behind a semaphore); ``xtsfn`` over tsfn's. Rows
+with no loop of their own (the floor, Node) are compared with the asyncio loop's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from benchmarks._peers import describe
+
+__all__ = ["LatencyRow", "MemoryRow", "Results", "Row", "machine"]
+
+RAW, TSFN, FLOOR, NODE = "call_soon_threadsafe", "tsfn", "floor", "napi_threadsafe_function"
+TIMES = "\N{MULTIPLICATION SIGN}"  # the tables' ratio sign
+BOUNDED = 64
+PEERS = ("janus", "culsans", "aiologic", "anyio", "uvloop", "psutil")
+
+
+def _queue(maxsize: int) -> str:
+    return f"bounded {maxsize}" if maxsize else "unbounded"
+
+
+def _rate(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value / 1e6:.2f} M" if value >= 1e6 else f"{value / 1e3:.1f} k"
+
+
+def _ratio(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.1f}{TIMES}" if value >= 10 else f"{value:.2f}{TIMES}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+@dataclass
+class Row:
+    """Items per second of one method in one setting, one value per round."""
+
+    section: str  # "throughput" or "stream"
+    loop: str  # "asyncio", "uvloop", or "-" for the floor and Node
+    method: str
+    producers: int
+    maxsize: int  # 0: unbounded
+    n: int = 0
+    rounds: list[float] = field(default_factory=list)
+    note: str = ""  # why there is no number, or what went wrong in some rounds
+    failed: bool = False  # a wrong result or a hang of a Python method: fails the run
+
+    @property
+    def rate(self) -> float | None:
+        return statistics.median(self.rounds) if self.rounds else None
+
+
+@dataclass
+class LatencyRow:
+    loop: str
+    method: str
+    load: str  # "idle" (one item per ms) or "load"
+    producers: int
+    maxsize: int
+    samples_ns: list[int] = field(default_factory=list)
+    note: str = ""
+    failed: bool = False
+
+    def percentile(self, q: float) -> float | None:
+        if not self.samples_ns:
+            return None
+        ordered = sorted(self.samples_ns)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e3  # µs
+
+
+@dataclass
+class MemoryRow:
+    loop: str
+    method: str
+    maxsize: int
+    n: int
+    base_kib: float = 0
+    peak_kib: float = 0
+    seconds: float = 0
+    producer_seconds: float = 0
+    note: str = ""
+    failed: bool = False
+
+    @property
+    def growth_mib(self) -> float:
+        return (self.peak_kib - self.base_kib) / 1024
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for name in PEERS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "gil": getattr(sys, "_is_gil_enabled", lambda: True)(),
+        "platform": platform.platform(),
+        "packages": versions,
+    }
+
+
+@dataclass
+class Results:
+    machine: dict[str, Any]
+    config: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+    latency: list[LatencyRow] = field(default_factory=list)
+    memory: list[MemoryRow] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # sections not run, and why
+
+    def failures(self) -> list[str]:
+        rows: list[Row | LatencyRow | MemoryRow] = [*self.rows, *self.latency, *self.memory]
+        return [f"{r.loop} {r.method}: {r.note}" for r in rows if r.failed]
+
+    def find(
+        self, section: str, loop: str, method: str, producers: int, maxsize: int
+    ) -> float | None:
+        for row in self.rows:
+            if (row.section, row.loop, row.method, row.producers, row.maxsize) == (
+                section,
+                loop,
+                method,
+                producers,
+                maxsize,
+            ):
+                return row.rate
+        return None
+
+    def _vs(self, row: Row, method: str) -> float | None:
+        loop = row.loop if row.loop != "-" else "asyncio"
+        base = self.find(row.section, loop, method, row.producers, row.maxsize)
+        return row.rate / base if row.rate and base else None
+
+    # -- markdown ----------------------------------------------------------------------
+
+    def markdown(self) -> str:
+        parts = [
+            self._header(),
+            "## Throughput: N items from P producer threads to a callback on the loop",
+            self._throughput_table(),
+            "Median of the rounds' items/s. Bounded runs use blocking producers. "
+            "Methods (`cb` is the per-item callback; `x` the item):\n",
+            self._legend(),
+        ]
+        if any(r.section == "stream" for r in self.rows):
+            parts += ["## `tsfn.stream` versus a hand-written pipeline", self._stream_table()]
+        if self.latency:
+            parts += ["## Latency: from just before the call to the callback", self._latency()]
+        if self.memory:
+            parts += ["## Memory: a producer far faster than its consumer", self._memory()]
+        parts += ["## Targets (issue 4)", self._targets_table()]
+        if self.skipped:
+            parts += ["## Not run", "\n".join(f"- {why}" for why in self.skipped)]
+        if self.failures():
+            parts += ["## FAILED", "\n".join(f"- {why}" for why in self.failures())]
+        return "\n\n".join(parts) + "\n"
+
+    def _header(self) -> str:
+        m, c = self.machine, self.config
+        packages = ", ".join(f"{k} {v}" for k, v in m.get("packages", {}).items())
+        node = f"; Node {c['node']}" if c.get("node") else ""
+        gil = "" if m.get("gil", True) else ", free-threaded"
+        took = f"; the whole run took {c['total_seconds']} s" if "total_seconds" in c else ""
+        return (
+            f"Measured on {c.get('date', '?')}: {m.get('cpu')}, {m.get('cores')} cores, "
+            f"{m.get('python')}{gil}, {m.get('platform')}; {packages}{node}. "
+            f"Median of {c.get('rounds')} interleaved rounds{took}."
+        )
+
+    def _throughput_table(self) -> str:
+        lines = []
+        for row in self.rows:
+            if row.section != "throughput":
+                continue
+            note = ("FAILED: " if row.failed else "") + row.note
+            lines.append(
+                [
+                    row.loop,
+                    f"**{row.method}**" if row.method == TSFN else row.method,
+                    str(row.producers),
+                    _queue(row.maxsize),
+                    _rate(row.rate),
+                    _ratio(self._vs(row, RAW)),
+                    _ratio(self._vs(row, TSFN)),
+                    note,
+                ]
+            )
+        header = ["loop", "method", "P", "queue", "items/s", f"{TIMES}raw", f"{TIMES}tsfn", "note"]
+        return _table(header, lines)
+
+    def _legend(self) -> str:
+        methods = list(dict.fromkeys(r.method for r in self.rows if r.section == "throughput"))
+        lines = []
+        for method in methods:
+            if method == FLOOR:
+                lines.append(
+                    "- floor: the same per-item callback called in a plain `for` loop on "
+                    "one thread: no threads, no loop (the best any bridge could do)"
+                )
+            elif method == NODE:
+                lines.append(
+                    "- napi_threadsafe_function: Node's own, from C threads to a JS callback "
+                    "(`benchmarks/node_addon`), blocking calls; ratios against asyncio's rows"
+                )
+            else:
+                lines.append(
+                    f"- {method}: `{describe(method, 0)}`; bounded `{describe(method, 64)}`"
+                )
+        return "\n".join(lines)
+
+    def _stream_table(self) -> str:
+        lines = []
+        for row in self.rows:
+            if row.section != "stream":
+                continue
+            base = self.find("stream", row.loop, "hand-written", 1, row.maxsize)
+            ratio = row.rate / base if row.rate and base else None
+            note = ("FAILED: " if row.failed else "") + row.note
+            lines.append([row.loop, row.method, _rate(row.rate), _ratio(ratio), note])
+        header = ["loop", "method", "items/s", f"{TIMES}hand-written", "note"]
+        text = _table(header, lines)
+        return text + (
+            "\n\nBoth carry 0..N-1 from a worker in the default executor to an `async for` "
+            "with at most 64 items in flight: `tsfn.stream(func, max_queue_size=64)`, "
+            "and `call_soon_threadsafe(queue.put_nowait, x)` behind a `Semaphore(64)` "
+            "that the consumer releases, ended by a sentinel."
+        )
+
+    def _latency(self) -> str:
+        lines = []
+        for row in self.latency:
+            raw = next(
+                (
+                    r
+                    for r in self.latency
+                    if (r.loop, r.load, r.method) == (row.loop, row.load, RAW)
+                ),
+                None,
+            )
+            p50, raw50 = row.percentile(0.5), raw.percentile(0.5) if raw else None
+            what = (
+                "1 producer, 1 item/ms, unbounded"
+                if row.load == "idle"
+                else f"{row.producers} producers flooding, {_queue(row.maxsize)}"
+            )
+            note = ("FAILED: " if row.failed else "") + row.note
+            lines.append(
+                [
+                    row.loop,
+                    row.method,
+                    what,
+                    f"{p50:.0f}" if p50 is not None else "—",
+                    f"{row.percentile(0.99):.0f}" if row.samples_ns else "—",
+                    _ratio(p50 / raw50 if p50 and raw50 else None),
+                    str(len(row.samples_ns)),
+                    note,
+                ]
+            )
+        header = [
+            "loop",
+            "method",
+            "load",
+            "p50 µs",
+            "p99 µs",
+            f"p50 {TIMES}raw",
+            "samples",
+            "note",
+        ]
+        return _table(header, lines) + (
+            "\n\nEach item is a `perf_counter_ns()` stamp taken just before the call; the "
+            "callback subtracts it from its own. Under load the stamp is also taken "
+            "before the call, so time spent blocked waiting for room counts."
+        )
+
+    def _memory(self) -> str:
+        lines = []
+        for row in self.memory:
+            note = ("FAILED: " if row.failed else "") + row.note
+            speed = (
+                f"{row.seconds / row.producer_seconds:.0f}{TIMES}"
+                if row.producer_seconds and not row.maxsize
+                else "—"
+            )
+            lines.append(
+                [
+                    row.loop,
+                    row.method,
+                    _queue(row.maxsize),
+                    str(row.n),
+                    f"{row.peak_kib / 1024:.1f}" if row.peak_kib else "—",
+                    f"{row.growth_mib:+.2f}" if row.peak_kib else "—",
+                    speed,
+                    note,
+                ]
+            )
+        header = ["loop", "method", "queue", "N", "peak RSS MiB", "growth MiB", "slowdown", "note"]
+        from benchmarks._memory import ITEM_SIZE, SPIN
+
+        return _table(header, lines) + (
+            f"\n\nOne fresh process per row. The producer sends new {ITEM_SIZE}-byte "
+            f"`bytearray`s as fast as it can; the consumer busy-waits {SPIN * 1e6:.0f} µs "
+            "per item. Growth is peak RSS after the run minus peak RSS after a warm-up "
+            "run of the same case; a bounded queue's growth must not follow N. "
+            "Slowdown (unbounded rows): how much longer the consumer took than the producer."
+        )
+
+    # -- targets -----------------------------------------------------------------------
+
+    def targets(self) -> list[dict[str, Any]]:
+        """The issue's targets, per loop: what was measured, and whether it was met.
+
+        A ratio to raw `call_soon_threadsafe` that would put tsfn above the floor (no
+        bridge can beat a plain `for` loop) is marked unreachable: on uvloop, whose
+        own `call_soon_threadsafe` already coalesces wake-ups, 10x it is. Rows marked
+        "aim" are directions, not pass/fail; "extra" rows are not in the issue.
+        """
+        out: list[dict[str, Any]] = []
+        floor = self.find("throughput", "-", FLOOR, 1, 0)
+        node = self.find("throughput", "-", NODE, 1, 0)
+        for loop in dict.fromkeys(r.loop for r in self.rows if r.loop != "-"):
+
+            def rate(method: str, producers: int, maxsize: int, loop: str = loop) -> float | None:
+                return self.find("throughput", loop, method, producers, maxsize)
+
+            t1, t1b, b = rate(TSFN, 1, 0), rate(TSFN, 1, BOUNDED), BOUNDED
+            idle = {
+                r.method: r.percentile(0.5)
+                for r in self.latency
+                if r.loop == loop and r.load == "idle"
+            }
+            # (target, value, divided by, need, sense); `None` divisor: value is absolute.
+            Spec = tuple[str, float | None, float | None, float, str]
+            specs: list[Spec] = [
+                ("P=1 unbounded: tsfn / call_soon_threadsafe", t1, rate(RAW, 1, 0), 10, ">="),
+                ("P=1 unbounded: tsfn / aiologic", t1, rate("aiologic", 1, 0), 1.5, ">="),
+                ("P=1 bounded 64: tsfn / call_soon_threadsafe", t1b, rate(RAW, 1, b), 4, ">="),
+                ("P=1 bounded 64: tsfn / culsans", t1b, rate("culsans", 1, b), 2, ">="),
+                ("unbounded: tsfn P=16 / P=1", rate(TSFN, 16, 0), t1, 0.7, ">="),
+                ("bounded 64: tsfn P=16 / P=1", rate(TSFN, 16, b), t1b, 0.7, ">="),
+                ("extra: unbounded: tsfn P=4 / P=1", rate(TSFN, 4, 0), t1, 0.7, ">="),
+                ("extra: bounded 64: tsfn P=4 / P=1", rate(TSFN, 4, b), t1b, 0.7, ">="),
+                (
+                    "p50 at 1 item/ms: tsfn / call_soon_threadsafe",
+                    idle.get(TSFN),
+                    idle.get(RAW),
+                    1.2,
+                    "<=",
+                ),
+                ("aim: P=1 unbounded: tsfn / Node's own", t1, node, 1, ">="),
+                ("aim: P=1 unbounded: tsfn / floor", t1, floor, 0.5, ">="),
+            ]
+            growth = sorted(
+                (r for r in self.memory if r.loop == loop and r.method == TSFN and r.maxsize),
+                key=lambda r: r.n,
+            )
+            if len(growth) >= 2 and all(r.peak_kib for r in growth):
+                small, large = growth[0], growth[-1]
+                grew = large.growth_mib - small.growth_mib
+                target = f"bounded 64: RSS growth, N={large.n} minus N={small.n}, MiB"
+                specs.append((target, grew, None, 1.0, "<="))
+            for target, value, divisor, need, sense in specs:
+                measured = (
+                    value if divisor is None else (value / divisor if value and divisor else None)
+                )
+                out.append(self._judge(loop, target, measured, need, sense, divisor, floor))
+        return out
+
+    @staticmethod
+    def _judge(
+        loop: str,
+        target: str,
+        measured: float | None,
+        need: float,
+        sense: str,
+        base: float | None,
+        floor: float | None,
+    ) -> dict[str, Any]:
+        if measured is None:
+            status = "not measured"
+        elif (measured >= need) if sense == ">=" else (measured <= need):
+            status = "aim reached" if target.startswith("aim") else "met"
+        elif target.startswith("aim"):
+            status = "aim not reached"
+        elif "/ call_soon" in target and base and floor and base * need > floor:
+            status = "unreachable (above the floor)"
+        else:
+            status = "MISSED"
+        return {
+            "loop": loop,
+            "target": f"{target} {sense} {need:g}",
+            "measured": measured,
+            "need": need,
+            "status": status,
+        }
+
+    def _targets_table(self) -> str:
+        lines = []
+        for t in self.targets():
+            value = t["measured"]
+            shown = "—" if value is None else f"{value:.2f}"
+            lines.append([t["loop"], t["target"], shown, t["status"]])
+        return _table(["loop", "target", "measured", "status"], lines)
+
+    # -- JSON --------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        def row(r: Row) -> dict[str, Any]:
+            return {**asdict(r), "rate": r.rate}
+
+        def lat(r: LatencyRow) -> dict[str, Any]:
+            d = asdict(r)
+            del d["samples_ns"]
+            return {
+                **d,
+                "samples": len(r.samples_ns),
+                "p50_us": r.percentile(0.5),
+                "p99_us": r.percentile(0.99),
+            }
+
+        data = {
+            "machine": self.machine,
+            "config": self.config,
+            "throughput": [row(r) for r in self.rows],
+            "latency": [lat(r) for r in self.latency],
+            "memory": [{**asdict(r), "growth_mib": r.growth_mib} for r in self.memory],
+            "targets": self.targets(),
+            "skipped": self.skipped,
+            "failures": self.failures(),
+        }
+        # One line per row: small, and a rerun's diff shows which rows moved.
+        fields = []
+        for key, value in data.items():
+            if isinstance(value, list) and value:
+                rows = ",\n".join(f"  {json.dumps(v, ensure_ascii=False)}" for v in value)
+                fields.append(f" {json.dumps(key)}: [\n{rows}\n ]")
+            else:
+                fields.append(f" {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}")
+        return "{\n" + ",\n".join(fields) + "\n}\n"

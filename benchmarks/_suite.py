@@ -1,0 +1,409 @@
+"""The whole benchmark set: which cases exist, in which order they run, and the CLI.
+
+Throughput cases run in interleaved rounds (every case once per round: A B C A B C
+...) and report the median, so a slow spell of this noisy machine hits every method
+alike. Before the rounds, one short warm-up run per case measures its rate and picks
+its N so that one run takes about `--seconds` (between 1,000 and `--max-n` items):
+the fastest methods get the most items, and anyio's round trips do not eat the
+time budget. `--n` fixes N instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks import _cases, _memory, _node
+from benchmarks._cases import Failed, run_on
+from benchmarks._peers import BRIDGES, Bridge, available
+from benchmarks._report import FLOOR, NODE, TSFN, LatencyRow, MemoryRow, Results, Row, machine
+
+__all__ = ["main"]
+
+HERE = Path(__file__).resolve().parent
+PRODUCERS = (1, 4, 16)
+BOUNDED = 64
+NODE_PRODUCERS = (1, 4)
+
+
+@dataclass
+class Options:
+    rounds: int
+    seconds: float
+    max_n: int
+    n: int | None  # fixed N for every throughput case (no calibration)
+    timeout: float
+    latency_items: int
+    load_items: int
+    memory_n: tuple[int, int]
+    only: list[str]
+    skip: list[str]
+    loops: list[str]
+
+
+@dataclass
+class RateCase:
+    id: str
+    row: Row
+    run: Callable[[int], float | None]  # N -> seconds; None: hung (Node only)
+    fixed_n: int | None = None
+
+
+def _parse(argv: list[str] | None) -> tuple[Options, Path | None, Path | None]:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="tsfn against its peers, in one run, with ratios.",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny N, one round (smoke run)")
+    parser.add_argument("--n", type=int, help="fixed N per throughput run (no calibration)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per case (default 3)")
+    parser.add_argument("--seconds", type=float, default=0.2, help="target time of one run")
+    parser.add_argument("--max-n", type=int, default=200_000, help="largest N of a run")
+    parser.add_argument(
+        "--only", action="append", default=[], help="run case ids matching (glob, repeatable)"
+    )
+    parser.add_argument("--skip", action="append", default=[], help="skip case ids matching")
+    parser.add_argument("--loops", help="comma-separated: asyncio,uvloop (default: both)")
+    parser.add_argument("--list", action="store_true", help="print the case ids and exit")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=HERE,
+        help="where results.md and results.json go (default: benchmarks/)",
+    )
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        help="also put the tables into this markdown file, between its results markers",
+    )
+    args = parser.parse_args(argv)
+    quick = args.quick
+    loops = args.loops.split(",") if args.loops else _cases.loop_kinds()
+    options = Options(
+        rounds=args.rounds or (1 if quick else 3),
+        seconds=args.seconds,
+        max_n=args.max_n,
+        n=args.n or (2000 if quick else None),
+        timeout=10.0 if quick else 30.0,
+        latency_items=20 if quick else 250,
+        load_items=400 if quick else 4000,
+        memory_n=(100, 1000) if quick else (500, 5000),
+        only=args.only,
+        skip=args.skip,
+        loops=loops,
+    )
+    if args.list:
+        for case in _rate_cases(options):
+            print(case.id)
+        for row_id, *_ in _latency_cases(options):
+            print(row_id)
+        for row_id, *_ in _memory_cases(options):
+            print(row_id)
+        sys.exit(0)
+    return options, None if args.no_write else args.out, args.docs
+
+
+def _selected(options: Options, case_id: str) -> bool:
+    def match(pattern: str) -> bool:
+        glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        return fnmatch.fnmatchcase(case_id, glob)
+
+    if options.only and not any(match(p) for p in options.only):
+        return False
+    return not any(match(p) for p in options.skip)
+
+
+def _queue_id(maxsize: int) -> str:
+    return f"bounded{maxsize}" if maxsize else "unbounded"
+
+
+def _throughput_run(
+    loop: str, bridge: type[Bridge], producers: int, maxsize: int, timeout: float
+) -> Callable[[int], float]:
+    def run(n: int) -> float:
+        return run_on(
+            loop,
+            lambda: _cases.throughput(
+                bridge, n=n, producers=producers, maxsize=maxsize, timeout=timeout
+            ),
+        )
+
+    return run
+
+
+def _stream_run(
+    loop: str, stream: Callable[[int, int, float], Awaitable[float]], timeout: float
+) -> Callable[[int], float]:
+    def run(n: int) -> float:
+        return run_on(loop, lambda: stream(n, BOUNDED, timeout))
+
+    return run
+
+
+def _node_run(producers: int, maxsize: int, timeout: float) -> Callable[[int], float | None]:
+    def run(n: int) -> float | None:
+        try:
+            return _node.run(n, producers, maxsize, timeout)
+        except ValueError as exc:
+            raise Failed(str(exc)) from None
+
+    return run
+
+
+def _rate_cases(options: Options) -> list[RateCase]:
+    """Every items/s case, in table order: queue, producers, loop, method."""
+    cases: list[RateCase] = []
+    timeout = options.timeout
+    for maxsize in (0, BOUNDED):
+        for producers in PRODUCERS:
+            for loop in options.loops:
+                for name, bridge in BRIDGES.items():
+                    cases.append(
+                        RateCase(
+                            f"throughput/{loop}/{name}/p{producers}/{_queue_id(maxsize)}",
+                            Row("throughput", loop, name, producers, maxsize),
+                            _throughput_run(loop, bridge, producers, maxsize, timeout),
+                        )
+                    )
+            if producers == 1 and maxsize == 0:
+                row = Row("throughput", "-", FLOOR, 1, 0)
+                n = options.n or options.max_n
+                cases.append(RateCase("throughput/floor", row, _cases.floor, fixed_n=n))
+            if producers in NODE_PRODUCERS:
+                # Node gets the most items any Python method gets; a run that hangs is
+                # cut off at 10x what a run of Node's own slowest case takes.
+                row = Row("throughput", "-", NODE, producers, maxsize)
+                case_id = f"throughput/node/p{producers}/{_queue_id(maxsize)}"
+                run = _node_run(producers, maxsize, timeout=3.0)
+                cases.append(RateCase(case_id, row, run, fixed_n=options.n or options.max_n))
+    streams: list[tuple[str, Callable[[int, int, float], Awaitable[float]]]] = [
+        (f"{TSFN}.stream", _cases.stream_tsfn),
+        ("hand-written", _cases.stream_handwritten),
+    ]
+    for loop in options.loops:
+        for method, stream in streams:
+            cases.append(
+                RateCase(
+                    f"stream/{loop}/{method}",
+                    Row("stream", loop, method, 1, BOUNDED),
+                    _stream_run(loop, stream, timeout),
+                )
+            )
+    return cases
+
+
+def _unavailable(case: RateCase) -> str | None:
+    """Why `case` cannot run on this machine, or None."""
+    method = case.row.method
+    if method in BRIDGES:
+        return available(method)
+    if method == f"{TSFN}.stream":
+        why = available(TSFN)
+        if why is None:
+            import tsfn
+
+            if not hasattr(tsfn, "stream"):
+                why = "tsfn.stream does not exist yet"
+        return why
+    return None
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _run_rates(options: Options, results: Results) -> None:
+    cases = [c for c in _rate_cases(options) if _selected(options, c.id)]
+    results.rows += [c.row for c in cases]
+    node_note = ""
+    if any(c.row.method == NODE for c in cases):
+        try:
+            results.config["node"] = _node.build()
+        except RuntimeError as exc:
+            node_note = str(exc)
+    runnable: list[RateCase] = []
+    for case in cases:
+        why = node_note if case.row.method == NODE else _unavailable(case)
+        if why:
+            case.row.note = why if why.startswith("skipped") else f"skipped: {why}"
+        else:
+            runnable.append(case)
+    if not runnable:
+        return
+    _log(f"throughput: {len(runnable)} cases x {options.rounds} rounds")
+    for case in runnable:  # the warm-up round: one short run each, which picks N
+        if case.fixed_n is not None:
+            case.row.n = case.fixed_n
+            continue
+        if options.n is not None:
+            case.row.n = options.n
+            continue
+        warm = max(1000, 50 * case.row.producers)
+        seconds = _attempt(case, warm)
+        if seconds:
+            rate = warm / seconds
+            case.row.n = int(min(options.max_n, max(1000, rate * options.seconds)))
+    for round_ in range(options.rounds):
+        started = time.perf_counter()
+        for case in runnable:
+            if case.row.failed:
+                continue
+            seconds = _attempt(case, case.row.n)
+            if seconds:
+                case.row.rounds.append(case.row.n / seconds)
+        _log(f"  round {round_ + 1}: {time.perf_counter() - started:.1f} s")
+    for case in runnable:
+        hung = case.row.note.count(_node.HANG)
+        if hung:
+            case.row.note = f"{_node.HANG} in {hung} of {options.rounds} runs"
+
+
+def _attempt(case: RateCase, n: int) -> float | None:
+    """One run; failures are written into the row (a hung Node run is only noted)."""
+    try:
+        seconds = case.run(n)
+    except Failed as exc:
+        case.row.failed = True
+        case.row.note = str(exc)
+        _log(f"  FAILED {case.id}: {exc}")
+        return None
+    if seconds is None:
+        case.row.note += _node.HANG
+        _log(f"  {case.id}: {_node.HANG}")
+    return seconds
+
+
+def _latency_cases(options: Options) -> list[tuple[str, LatencyRow]]:
+    cases = []
+    for load, producers, maxsize in (("idle", 1, 0), ("load", 4, BOUNDED)):
+        for loop in options.loops:
+            for name in BRIDGES:
+                row = LatencyRow(loop, name, load, producers, maxsize)
+                cases.append((f"latency/{loop}/{name}/{load}", row))
+    return cases
+
+
+def _run_latency(options: Options, results: Results) -> None:
+    cases = [row for case_id, row in _latency_cases(options) if _selected(options, case_id)]
+    results.latency += cases
+    for row in cases:
+        why = available(row.method)
+        if why:
+            row.note = f"skipped: {why}"
+    runnable = [row for row in cases if not row.note]
+    rounds = min(2, options.rounds)
+    if runnable:
+        _log(f"latency: {len(runnable)} cases x {rounds} rounds")
+    for _ in range(rounds):
+        for row in runnable:
+            if row.failed:
+                continue
+            idle = row.load == "idle"
+            n = options.latency_items if idle else options.load_items
+
+            def main(row: LatencyRow = row, n: int = n, idle: bool = idle) -> Awaitable[list[int]]:
+                return _cases.latency(
+                    BRIDGES[row.method],
+                    n=n,
+                    producers=row.producers,
+                    maxsize=row.maxsize,
+                    interval=0.001 if idle else 0.0,
+                    timeout=options.timeout,
+                )
+
+            try:
+                row.samples_ns += run_on(row.loop, main)
+            except Failed as exc:
+                row.failed, row.note = True, str(exc)
+                _log(f"  FAILED latency {row.loop} {row.method} {row.load}: {exc}")
+
+
+def _memory_cases(options: Options) -> list[tuple[str, MemoryRow]]:
+    settings = [(TSFN, 0)] + [(name, BOUNDED) for name in BRIDGES]
+    cases = []
+    for loop in options.loops:
+        for method, maxsize in settings:
+            for n in options.memory_n:
+                row = MemoryRow(loop, method, maxsize, n)
+                cases.append((f"memory/{loop}/{method}/{_queue_id(maxsize)}/n{n}", row))
+    return cases
+
+
+def _run_memory(options: Options, results: Results) -> None:
+    cases = [row for case_id, row in _memory_cases(options) if _selected(options, case_id)]
+    if not cases:
+        return
+    if sys.platform == "win32":
+        results.skipped.append("memory: needs the resource module, which Windows lacks")
+        return
+    results.memory += cases
+    _log(f"memory: {len(cases)} child processes")
+    for row in cases:
+        why = available(row.method)
+        if why:
+            row.note = f"skipped: {why}"
+            continue
+        try:
+            data = _memory.measure(row.method, row.loop, row.maxsize, row.n, timeout=60)
+        except Failed as exc:
+            row.failed, row.note = True, str(exc)
+            _log(f"  FAILED memory {row.loop} {row.method} N={row.n}: {exc}")
+            continue
+        row.base_kib, row.peak_kib = data["base_kib"], data["peak_kib"]
+        row.seconds, row.producer_seconds = data["seconds"], data["producer_seconds"]
+
+
+BEGIN, END = "<!-- results: begin -->", "<!-- results: end -->"
+
+
+def _into_docs(path: Path, text: str) -> None:
+    """Replace what stands between the BEGIN and END markers of `path` with `text`."""
+    page = path.read_text(encoding="utf-8")
+    head, begin, rest = page.partition(BEGIN)
+    _, end, tail = rest.partition(END)
+    if not (begin and end):
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} markers")
+    # The tables' own headings are one level below the page's sections.
+    body = text.replace("\n## ", "\n### ")
+    path.write_text(f"{head}{BEGIN}\n{body}{END}{tail}", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    options, out, docs = _parse(argv)
+    started = time.perf_counter()
+    config = {
+        "date": time.strftime("%Y-%m-%d"),
+        "rounds": options.rounds,
+        "seconds_per_run": options.seconds,
+        "max_n": options.max_n,
+        "fixed_n": options.n,
+        "loops": options.loops,
+        "only": options.only,
+        "skip": options.skip,
+    }
+    results = Results(machine(), config)
+    _run_rates(options, results)
+    _run_latency(options, results)
+    _run_memory(options, results)
+    results.config["total_seconds"] = round(time.perf_counter() - started, 1)
+    text = results.markdown()
+    print(text)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text(text, encoding="utf-8")
+        (out / "results.json").write_text(results.to_json(), encoding="utf-8")
+        _log(f"wrote {out / 'results.md'} and {out / 'results.json'}")
+    if docs is not None:
+        _into_docs(docs, text)
+        _log(f"updated {docs}")
+    _log(f"total: {results.config['total_seconds']} s")
+    failures = results.failures()
+    for failure in failures:
+        _log(f"FAILED: {failure}")
+    return 1 if failures else 0

@@ -1,0 +1,124 @@
+"""The benchmarks, run with tiny N so they never rot: every method delivers exactly the
+items sent (the sums are checked, never the speed), a wrong sum or a hang fails a
+run instead of passing quietly, and `python -m benchmarks` writes its tables."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from benchmarks import _cases, _memory, _node, _suite
+from benchmarks._cases import Failed, run_on
+from benchmarks._peers import BRIDGES, Bridge, RawBridge, Send
+
+LOOPS = _cases.loop_kinds()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("maxsize", [0, 4], ids=["unbounded", "bounded4"])
+def test_every_bridge_delivers_the_exact_sum(loop: str, maxsize: int) -> None:
+    # A bound of 4 with 4 producers keeps every bounded bridge's producers blocking.
+    for bridge in BRIDGES.values():
+        for producers in (1, 4):
+
+            async def main(bridge: type[Bridge] = bridge, producers: int = producers) -> float:
+                return await _cases.throughput(
+                    bridge, n=300, producers=producers, maxsize=maxsize, timeout=10
+                )
+
+            assert run_on(loop, main) > 0  # throughput() raised if the sum was wrong
+
+
+class _WrongItem(RawBridge):
+    """Delivers 1 in place of 0: the right count, the wrong sum."""
+
+    def sender(self) -> Send:
+        send = super().sender()
+        return lambda item: send(item or 1)
+
+
+class _Silent(RawBridge):
+    """Accepts every item and delivers none: the run can only hang."""
+
+    def sender(self) -> Send:
+        return lambda item: None
+
+
+@pytest.mark.timeout(10)
+def test_a_wrong_sum_fails_the_run() -> None:
+    async def main() -> float:
+        return await _cases.throughput(_WrongItem, n=100, producers=2, maxsize=0, timeout=5)
+
+    with pytest.raises(Failed, match="wrong result"):
+        run_on("asyncio", main)
+
+
+@pytest.mark.timeout(10)
+def test_a_run_that_never_finishes_fails_after_its_timeout() -> None:
+    async def main() -> float:
+        return await _cases.throughput(_Silent, n=100, producers=2, maxsize=0, timeout=0.2)
+
+    with pytest.raises(Failed, match="hung: 0 of 100"):
+        run_on("asyncio", main)
+
+
+@pytest.mark.timeout(10)
+def test_floor_checks_its_sum() -> None:
+    assert _cases.floor(1000) > 0
+
+
+@pytest.mark.timeout(15)
+@pytest.mark.parametrize("loop", LOOPS)
+def test_stream_and_hand_written_pipeline_carry_every_item(loop: str) -> None:
+    assert run_on(loop, lambda: _cases.stream_tsfn(500, 8, 10)) > 0
+    assert run_on(loop, lambda: _cases.stream_handwritten(500, 8, 10)) > 0
+
+
+@pytest.mark.timeout(15)
+@pytest.mark.parametrize("loop", LOOPS)
+def test_latency_gives_one_sample_per_item(loop: str) -> None:
+    samples = run_on(
+        loop,
+        lambda: _cases.latency(
+            BRIDGES["tsfn"], n=30, producers=3, maxsize=4, interval=0.0, timeout=10
+        ),
+    )
+    assert len(samples) == 30
+    assert all(s > 0 for s in samples)
+
+
+@pytest.mark.timeout(20)
+def test_memory_child_reports_its_peak_rss() -> None:
+    result = _memory.measure("tsfn", "asyncio", 16, 200, timeout=15)
+    assert result["peak_kib"] >= result["base_kib"] > 0
+
+
+@pytest.mark.timeout(30)
+def test_node_reference_row_when_node_is_here() -> None:
+    if not (shutil.which("node") and shutil.which("npm") and shutil.which("cc")):
+        pytest.skip("node, npm or cc is not installed: the benchmarks skip Node's row too")
+    try:
+        _node.build()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    # One producer: the multi-producer bounded case can hang in Node itself (#58723).
+    assert _node.run(2000, 1, 0, timeout=10)
+    assert _node.run(2000, 1, 16, timeout=10)
+
+
+@pytest.mark.timeout(30)
+def test_the_command_writes_tables_and_json(tmp_path: Path) -> None:
+    argv = ["--quick", "--n", "500", "--only", "throughput/asyncio/*/p1/*", "--only", "floor"]
+    argv += ["--only", "latency/asyncio/tsfn/*", "--only", "latency/asyncio/call_soon*"]
+    assert _suite.main([*argv, "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    rates = {(r["method"], r["maxsize"]): r["rate"] for r in data["throughput"]}
+    assert all(rate and rate > 0 for rate in rates.values()), rates
+    assert ("tsfn", 64) in rates
+    assert ("floor", 0) in rates
+    assert data["failures"] == []
+    assert "| asyncio | **tsfn** | 1 | unbounded |" in (tmp_path / "results.md").read_text()
