@@ -210,7 +210,10 @@ class ThreadsafeFunction(Generic[T]):
                 token.pop()
             except IndexError:
                 return  # another thread just did
-            if not self._wake():
+            if not self._wake() and not self._finalizing:
+                # The loop was closed under us. Had it shut down properly, the
+                # function would have finalized, handing our item to call_js first;
+                # it did not (a bare loop.close()): the item stays with the caller.
                 raise self._closing_error()
 
     def _put_bounded(self, data: T, block: bool, timeout: float | None) -> None:
@@ -245,7 +248,7 @@ class ThreadsafeFunction(Generic[T]):
         self.call(cast(T, _Submission(data, future)), block=block, timeout=timeout)
         return future
 
-    def acquire(self) -> _Lease:
+    def acquire(self) -> contextlib.AbstractContextManager[ThreadsafeFunction[T]]:
         """Count one more producer; raise `Closing` if closing.
 
         The return value is a context manager whose exit calls `release()`:
@@ -367,19 +370,24 @@ class ThreadsafeFunction(Generic[T]):
             self._maybe_finish()
             return
         queue = self._queue
-        count = min(len(queue), BATCH)
-        if self._bounded and not self._reader_frees_slots:
-            # Free the slots now, not after delivery, so producers refill the queue
-            # while the loop delivers.
-            self._free_slots(count)
-        popleft = queue.popleft  # only this thread pops, so `count` items are there
+        count = min(len(queue), BATCH)  # only this thread pops: `count` items are there
+        batch = None
+        take = queue.popleft
+        if self._bounded:
+            # Take the batch out of the queue at once, and free its slots, so that
+            # producers refill the queue while the loop delivers, and qsize() never
+            # exceeds max_queue_size.
+            batch = [take() for _ in range(count)]
+            take = iter(batch).__next__
+            if not self._reader_frees_slots:
+                self._free_slots(count)
         invoke = self._invoke
         delivered = 0
         try:
             # The plain-item path is inlined: a method call per item would double
             # the drain's cost (see benchmarks/).
             for delivered in range(1, count + 1):  # noqa: B007 - used in finally
-                item = popleft()
+                item = take()
                 if item.__class__ is _Submission:
                     self._deliver_submission(item)  # type: ignore[arg-type]
                 else:
@@ -395,13 +403,20 @@ class ThreadsafeFunction(Generic[T]):
                 if self._aborted:
                     break
         finally:
-            self._settle(count - delivered)
+            if batch is not None and delivered < count:
+                self._put_back(batch[delivered:])
+            self._settle()
 
-    def _settle(self, undelivered: int) -> None:
-        if undelivered and not self._reader_frees_slots:
-            # An exception escaped a callback (KeyboardInterrupt, SystemExit) or
-            # abort() stopped us: the rest is still queued, so it keeps its slots.
-            self._free_slots(-undelivered)
+    def _put_back(self, rest: list[T]) -> None:
+        # An exception escaped a callback (KeyboardInterrupt, SystemExit) or abort()
+        # stopped the batch: the rest goes back ahead of anything queued since, and
+        # takes its slots back.
+        with self._lock:
+            self._queue.extendleft(reversed(rest))
+            if not self._reader_frees_slots:
+                self._slots += len(rest)
+
+    def _settle(self) -> None:
         if self._aborted:
             self._maybe_finish()
         elif self._queue:
@@ -420,12 +435,11 @@ class ThreadsafeFunction(Generic[T]):
                 self._maybe_finish()
 
     def _free_slots(self, count: int) -> None:
-        """Give `count` slots back to producers (negative: take them back)."""
-        if self._bounded:
-            with self._lock:
-                self._slots -= count
-                if self._waiters and count > 0:
-                    self._not_full.notify()  # one; it wakes the next (_wait_for_room)
+        """Give `count` slots back to producers of a bounded queue."""
+        with self._lock:
+            self._slots -= count
+            if self._waiters and count:
+                self._not_full.notify()  # one; it wakes the next (_wait_for_room)
 
     def _deliver_submission(self, item: _Submission[T]) -> None:
         future = item.future
@@ -545,7 +559,8 @@ class ThreadsafeFunction(Generic[T]):
 
     def _consumed(self) -> None:
         """Stream: its consumer has read one delivered item; free its slot."""
-        self._free_slots(1)
+        if self._bounded:
+            self._free_slots(1)
 
     # -- loop thread: liveness ---------------------------------------------------------
 

@@ -182,5 +182,5 @@ def loop_or_running(
     if not isinstance(loop, asyncio.AbstractEventLoop):
         raise TypeError(f"loop must be an asyncio event loop or None, got {loop!r}")
     if loop.is_closed():
-        raise RuntimeError(f"loop must not be closed, got {loop!r}")
+        raise ValueError(f"loop must not be closed, got {loop!r}")
     return loop

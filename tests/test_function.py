@@ -1,0 +1,1246 @@
+"""ThreadsafeFunction's contract beyond Node's own test cases (see test_node_ports.py).
+
+Each test tells one rule of API.md's ThreadsafeFunction section. Two tools make the
+threaded ones deterministic:
+
+- `idle_loop`: an event loop that is *not running*. Nothing is delivered until the
+  test runs it, so a bounded queue stays full for as long as the test wants, and a
+  caller blocked for room stays blocked until the test acts.
+- blocking the loop thread on purpose (`worker.join()` inside a coroutine): while the
+  loop thread waits there, no drain can run, so every call a worker makes meanwhile
+  is known to have happened "while a drain was pending".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import queue
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+import tsfn
+from tsfn._loop import LoopPort
+
+pytestmark = pytest.mark.timeout(20)
+
+R = TypeVar("R")
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+# Generous: a correct test never waits this long, a broken one fails instead of hanging.
+WAIT = 10.0
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+class Worker(threading.Thread):
+    """A thread that keeps what its target returned or raised, for the test to check."""
+
+    def __init__(self, target: Callable[[], object], name: str = "tsfn-test-worker") -> None:
+        super().__init__(name=name)
+        self._work = target
+        self.result: object = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self._work()
+        except BaseException as exc:
+            self.error = exc
+
+    def finish(self) -> None:
+        """Join, failing the test (not hanging it) if the thread is stuck."""
+        self.join(WAIT)
+        assert not self.is_alive(), f"{self.name} is still running"
+
+
+def start(target: Callable[[], object], name: str = "tsfn-test-worker") -> Worker:
+    worker = Worker(target, name)
+    worker.start()
+    return worker
+
+
+def blocked_callers(fn: tsfn.ThreadsafeFunction[Any]) -> int:
+    # tsfn's own count of callers waiting for room. The only way to tell a thread
+    # that is inside the wait from one that is about to enter it.
+    return fn._waiters
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll a condition another thread makes true (no event exists to wait on)."""
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.001)
+
+
+@contextlib.contextmanager
+def loop_errors(loop: asyncio.AbstractEventLoop) -> Iterator[list[dict[str, Any]]]:
+    """Collect what reaches the loop's exception handler."""
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        yield errors
+    finally:
+        loop.set_exception_handler(previous)
+
+
+@pytest.fixture
+def idle_loop(loop_factory: LoopFactory) -> Iterator[asyncio.AbstractEventLoop]:
+    """A loop that is not running; at the end it shuts down as asyncio.run would."""
+    loop = loop_factory()
+    try:
+        yield loop
+    finally:
+        if not loop.is_closed():
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+
+def asyncio_run(main: Coroutine[Any, Any, R], loop_factory: LoopFactory) -> R:
+    """`asyncio.run(main, loop_factory=...)` on every Python tsfn supports."""
+    if sys.version_info >= (3, 12):
+        return asyncio.run(main, loop_factory=loop_factory)
+    if sys.version_info >= (3, 11):
+        # What asyncio.run itself does on 3.11, which has no loop_factory argument.
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(main)
+    # Python 3.10: asyncio.run's own steps, with our loop.
+    loop = loop_factory()  # pragma: no cover - 3.10 only
+    try:  # pragma: no cover - 3.10 only
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(main)
+    finally:  # pragma: no cover - 3.10 only
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def wake_up_spy(monkeypatch: pytest.MonkeyPatch) -> list[Callable[..., object]]:
+    """Record every callback scheduled on the running loop from another thread.
+
+    A ThreadsafeFunction wakes its loop through its loop port's
+    `call_soon_threadsafe`, looked up when the function is created; so the spy must
+    be in place before the function is.
+    """
+    port = LoopPort.of(asyncio.get_running_loop())
+    scheduled: list[Callable[..., object]] = []
+    real = port.call_soon_threadsafe
+
+    def spy(callback: Callable[..., object], *args: Any) -> Any:
+        scheduled.append(callback)
+        return real(callback, *args)
+
+    monkeypatch.setattr(port, "call_soon_threadsafe", spy)
+    return scheduled
+
+
+def drains_of(fn: tsfn.ThreadsafeFunction[Any], scheduled: list[Callable[..., object]]) -> int:
+    return sum(1 for callback in scheduled if getattr(callback, "__self__", None) is fn)
+
+
+# -- call: blocking, non-blocking, timeout -------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_callback_runs_later_on_the_loop_thread_never_inside_call() -> None:
+    loop_thread = threading.get_ident()
+    seen: list[tuple[int, int]] = []
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+        lambda data: seen.append((data, threading.get_ident()))
+    )
+
+    fn.call(1)  # on the loop thread: queued, not run
+    future = fn.submit(2)
+    assert seen == []
+    assert not future.done()
+    start(lambda: fn.call(3)).finish()  # from another thread: same
+    assert seen == []
+
+    fn.release()
+    await fn.wait_closed()
+    assert seen == [(1, loop_thread), (2, loop_thread), (3, loop_thread)]
+
+
+@pytest.mark.anyio
+async def test_call_nowait_on_a_full_queue_raises_queue_full_which_is_a_queue_full() -> None:
+    got: list[str] = []
+    fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(got.append, max_queue_size=1)
+    fn.call_nowait("first")
+    with pytest.raises(queue.Full) as caught:  # code written for queue.Queue catches it
+        fn.call_nowait("second")
+    assert isinstance(caught.value, tsfn.QueueFull)
+    assert isinstance(caught.value, tsfn.TsfnError)
+    assert fn.qsize() == 1, "a call that raised must not queue its item"
+    fn.release()
+    await fn.wait_closed()
+    assert got == ["first"]
+
+
+@pytest.mark.anyio
+async def test_blocking_call_on_the_loop_thread_with_a_full_queue_raises_would_deadlock() -> None:
+    got: list[str] = []
+    fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(got.append, max_queue_size=1)
+    fn.call("first")  # blocking, but there is room: fine on the loop thread
+
+    for attempt in (
+        lambda: fn.call("x"),
+        lambda: fn.call("x", timeout=5),
+        lambda: fn.submit("x"),
+        lambda: fn.submit("x", timeout=5),
+    ):
+        with pytest.raises(tsfn.WouldDeadlock, match="loop thread"):
+            attempt()
+    # Calls that would not wait at all say the queue is full, not "deadlock".
+    for attempt in (
+        lambda: fn.call("x", block=False),
+        lambda: fn.call("x", timeout=0),
+        lambda: fn.call_nowait("x"),
+        lambda: fn.submit("x", block=False),
+        lambda: fn.submit("x", timeout=0),
+    ):
+        with pytest.raises(tsfn.QueueFull):
+            attempt()
+
+    assert fn.qsize() == 1
+    fn.release()
+    await fn.wait_closed()
+    assert got == ["first"]
+
+
+@pytest.mark.anyio
+async def test_would_deadlock_is_a_tsfn_error_but_not_queue_full() -> None:
+    assert issubclass(tsfn.WouldDeadlock, tsfn.TsfnError)
+    assert not issubclass(tsfn.WouldDeadlock, queue.Full)
+    assert issubclass(tsfn.Closing, tsfn.TsfnError)
+    assert not issubclass(tsfn.Closing, queue.Full)
+
+
+def test_blocking_call_from_a_thread_waits_until_the_loop_makes_room(
+    idle_loop: asyncio.AbstractEventLoop,
+) -> None:
+    got: list[str] = []
+    second_delivered = asyncio.Event()
+
+    def callback(item: str) -> None:
+        got.append(item)
+        if item == "second":
+            second_delivered.set()
+
+    fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(
+        callback, max_queue_size=1, loop=idle_loop
+    )
+    fn.call("first")  # the loop is not running: the queue stays full
+    worker = start(lambda: fn.call("second"))
+    wait_until(lambda: blocked_callers(fn) == 1)
+    assert worker.is_alive()
+
+    idle_loop.run_until_complete(second_delivered.wait())  # the loop makes room
+    worker.finish()
+    assert worker.error is None
+    fn.release()
+    idle_loop.run_until_complete(fn.wait_closed())
+    assert got == ["first", "second"]
+
+
+def test_blocking_call_with_a_timeout_raises_queue_full_when_no_room_comes(
+    idle_loop: asyncio.AbstractEventLoop,
+) -> None:
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+        lambda _: None, max_queue_size=1, loop=idle_loop
+    )
+    fn.call(1)  # the loop is not running: this item stays, the queue stays full
+    began = time.monotonic()
+    with pytest.raises(tsfn.QueueFull) as caught:
+        fn.call(2, timeout=0.05)
+    assert time.monotonic() - began >= 0.04  # it did wait (clock granularity aside)
+    assert isinstance(caught.value, queue.Full)
+    with pytest.raises(tsfn.QueueFull):
+        fn.submit(2, timeout=0.01)
+    with pytest.raises(tsfn.QueueFull):
+        fn.call(2, timeout=0)  # zero: no wait at all
+    assert fn.qsize() == 1
+    fn.abort()
+
+
+# -- submit --------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_submit_future_gets_the_callback_return_value() -> None:
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda n: n * 10)
+    on_loop = fn.submit(4)
+    from_thread = start(lambda: fn.submit(5).result(WAIT))  # blocks its thread, not ours
+    assert await asyncio.wrap_future(on_loop) == 40
+    await asyncio.to_thread(from_thread.finish)  # its item needs the loop to keep turning
+    assert from_thread.result == 50
+    fn.release()
+    await fn.wait_closed()
+
+
+@pytest.mark.anyio
+async def test_submit_future_gets_the_callback_exception_not_the_loop_handler() -> None:
+    boom = ValueError("boom")
+
+    def callback(_: object) -> None:
+        raise boom
+
+    fn: tsfn.ThreadsafeFunction[None] = tsfn.ThreadsafeFunction(callback)
+    with loop_errors(asyncio.get_running_loop()) as errors:
+        future = fn.submit(None)
+        with pytest.raises(ValueError, match="boom") as caught:
+            await asyncio.wrap_future(future)
+        fn.release()
+        await fn.wait_closed()
+    assert caught.value is boom
+    assert errors == []
+
+
+@pytest.mark.anyio
+async def test_submit_awaits_an_awaitable_result_on_the_loop_before_finalizing() -> None:
+    gate = asyncio.Event()
+    finalized: list[bool] = []
+
+    async def callback(n: int) -> int:
+        await gate.wait()
+        return n + 1
+
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+        callback, finalizer=lambda _: finalized.append(True)
+    )
+    future = fn.submit(1)
+    fn.release()
+    for _ in range(5):  # the item is delivered; its coroutine waits on the gate
+        await asyncio.sleep(0)
+    assert not future.done()
+    assert finalized == [], "the finalizer must wait for the awaitable result"
+    gate.set()
+    await fn.wait_closed()
+    assert future.result() == 2
+    assert finalized == [True]
+
+
+@pytest.mark.anyio
+async def test_abort_cancels_the_future_of_a_discarded_item_and_hands_call_js_its_data() -> None:
+    discarded: list[tuple[object, object, object, object]] = []
+
+    def call_js(loop: object, callback: object, context: object, data: object) -> None:
+        if loop is None:
+            discarded.append((loop, callback, context, data))
+
+    fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(
+        lambda _: None, call_js=call_js, context="ctx"
+    )
+    future = fn.submit("payload")
+    fn.abort()  # same loop turn: the item was never delivered
+    await fn.wait_closed()
+    assert future.cancelled()
+    assert discarded == [(None, None, "ctx", "payload")]
+
+
+@pytest.mark.anyio
+async def test_abort_cancels_the_future_of_an_awaitable_still_running() -> None:
+    never = asyncio.Event()
+
+    async def callback(_: object) -> None:
+        await never.wait()
+
+    fn: tsfn.ThreadsafeFunction[None] = tsfn.ThreadsafeFunction(callback)
+    future = fn.submit(None)
+    for _ in range(5):  # let the item be delivered and its coroutine start
+        await asyncio.sleep(0)
+    assert not future.done()
+    fn.abort()
+    await fn.wait_closed()
+    assert future.cancelled()
+
+
+@pytest.mark.anyio
+async def test_submit_cancelled_before_delivery_discards_the_item() -> None:
+    delivered: list[str] = []
+    discarded: list[str] = []
+
+    def call_js(loop: object, callback: Any, context: object, data: str) -> None:
+        if loop is None:
+            discarded.append(data)
+        else:
+            callback(data)
+
+    fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(delivered.append, call_js=call_js)
+    unwanted = fn.submit("unwanted")
+    assert unwanted.cancel()  # still queued: cancellable
+    wanted = fn.submit("wanted")
+    await asyncio.wrap_future(wanted)
+    fn.release()
+    await fn.wait_closed()
+    assert delivered == ["wanted"]
+    assert discarded == ["unwanted"]
+
+
+# -- producers: acquire, release, abort ----------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_acquire_returns_a_context_manager_that_releases() -> None:
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
+    with fn.acquire():
+        assert fn.thread_count == 2
+    assert fn.thread_count == 1
+    with pytest.raises(KeyError), fn.acquire():  # released on the way out of an error too
+        raise KeyError("x")
+    assert fn.thread_count == 1
+    fn.release()
+    await fn.wait_closed()
+
+
+@pytest.mark.anyio
+async def test_acquire_once_closing_raises_closing() -> None:
+    released: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
+    released.release()
+    aborted: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
+    aborted.abort()
+    for fn in (released, aborted):
+        with pytest.raises(tsfn.Closing):
+            fn.acquire()
+        await fn.wait_closed()
+        with pytest.raises(tsfn.Closing):
+            fn.acquire()
+
+
+@pytest.mark.anyio
+async def test_releasing_more_than_acquired_raises_closing() -> None:
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+        lambda _: None, initial_thread_count=2
+    )
+    fn.release()
+    fn.release()
+    with pytest.raises(tsfn.Closing):
+        fn.release()
+    assert fn.thread_count == 0
+    await fn.wait_closed()
+    with pytest.raises(tsfn.Closing):
+        fn.release()
+
+
+@pytest.mark.anyio
+async def test_calls_after_the_last_release_raise_closing_and_queued_items_still_arrive() -> None:
+    got: list[int] = []
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(got.append)
+    fn.call(1)
+    fn.call(2)
+    fn.release()
+    assert fn.closing
+    for attempt in (lambda: fn.call(3), lambda: fn.call_nowait(3), lambda: fn.submit(3)):
+        with pytest.raises(tsfn.Closing):
+            attempt()
+    await fn.wait_closed()
+    assert got == [1, 2]
+
+
+@pytest.mark.anyio
+async def test_release_after_abort_is_allowed_while_producers_remain() -> None:
+    finalized: list[object] = []
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+        lambda _: None, initial_thread_count=3, finalizer=finalized.append
+    )
+    fn.abort()
+    fn.release()
+    fn.release()
+    fn.release()
+    with pytest.raises(tsfn.Closing):
+        fn.release()
+    await fn.wait_closed()
+    assert finalized == [None]
+
+
+@pytest.mark.anyio
+async def test_abort_is_idempotent() -> None:
+    finalized: list[object] = []
+    discarded: list[object] = []
+
+    def call_js(loop: object, callback: object, context: object, data: object) -> None:
+        if loop is None:
+            discarded.append(data)
+
+    fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(
+        call_js=call_js, finalizer=finalized.append, context="ctx"
+    )
+    fn.call("queued")
+    fn.abort()
+    fn.abort()
+    await fn.wait_closed()
+    fn.abort()
+    for _ in range(3):
+        await asyncio.sleep(0)  # nothing late may follow
+    assert finalized == ["ctx"]
+    assert discarded == ["queued"]
+
+
+@pytest.mark.parametrize("close", ["abort", "release"])
+def test_closing_wakes_every_caller_blocked_for_room_with_closing(
+    idle_loop: asyncio.AbstractEventLoop, close: str
+) -> None:
+    """abort(), or the last release(), wakes every caller blocked for room: each of
+    them raises Closing, and none of their items is queued."""
+    delivered: list[int] = []
+    discarded: list[int] = []
+
+    def call_js(loop: object, callback: Any, context: object, data: int) -> None:
+        (delivered if loop is not None else discarded).append(data)
+
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+        call_js=call_js, max_queue_size=1, loop=idle_loop
+    )
+    fn.call(0)  # the loop is not running: the queue is full from now on
+    callers = [start(functools.partial(fn.call, i), f"blocked-{i}") for i in range(1, 5)]
+    wait_until(lambda: blocked_callers(fn) == 4)
+
+    getattr(fn, close)()
+    for caller in callers:
+        caller.finish()
+        assert isinstance(caller.error, tsfn.Closing), caller.error
+
+    idle_loop.run_until_complete(fn.wait_closed())
+    # Only the item that was accepted is accounted for, and in the way `close` says.
+    assert (delivered, discarded) == (([], [0]) if close == "abort" else ([0], []))
+
+
+# -- ref / unref ---------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_ref_and_unref_only_on_the_loop_thread() -> None:
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
+    for method in ("ref", "unref"):
+        worker = start(getattr(fn, method))
+        worker.finish()
+        assert isinstance(worker.error, RuntimeError), worker.error
+        assert method in str(worker.error)
+    fn.unref()  # on the loop thread: fine
+    fn.ref()
+    fn.release()
+    await fn.wait_closed()
+
+
+def test_ref_and_unref_are_not_counted(loop_factory: LoopFactory) -> None:
+    """unref twice then ref once leaves the function referenced: tsfn.run waits for it."""
+    got: list[str] = []
+    discarded: list[str] = []
+    main_done = threading.Event()
+
+    def call_js(loop: object, callback: Any, context: object, data: str) -> None:
+        if loop is None:
+            discarded.append(data)
+        else:
+            got.append(data)
+
+    def late_producer(fn: tsfn.ThreadsafeFunction[str]) -> None:
+        main_done.wait(WAIT)
+        fn.call("after main returned")
+        fn.release()
+
+    async def main() -> tsfn.ThreadsafeFunction[str]:
+        fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(call_js=call_js)
+        fn.unref()
+        fn.unref()
+        fn.ref()
+        workers.append(start(lambda: late_producer(fn)))
+        main_done.set()
+        return fn
+
+    workers: list[Worker] = []
+    fn = tsfn.run(main(), loop_factory=loop_factory)
+    workers[0].finish()
+    assert workers[0].error is None
+    assert fn.closed
+    assert (got, discarded) == (["after main returned"], [])
+
+
+# -- properties ----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_properties_follow_the_lifecycle() -> None:
+    context = object()
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+        lambda _: None, context=context, name="props", initial_thread_count=2
+    )
+    assert fn.context is context
+    assert fn.name == "props"
+    assert "props" in repr(fn)
+    assert (fn.thread_count, fn.closing, fn.closed, fn.qsize()) == (2, False, False, 0)
+
+    fn.call(1)
+    fn.call(2)
+    assert fn.qsize() == 2  # queued, not delivered: the loop has not had a turn
+    await asyncio.wrap_future(fn.submit(3))
+    assert fn.qsize() == 0
+
+    fn.acquire()
+    assert fn.thread_count == 3
+    fn.release()
+    fn.release()
+    assert (fn.thread_count, fn.closing, fn.closed) == (1, False, False)
+    fn.release()
+    assert (fn.thread_count, fn.closing) == (0, True)
+    await fn.wait_closed()
+    assert fn.closed
+
+
+@pytest.mark.anyio
+async def test_name_defaults_to_none_and_context_to_none() -> None:
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
+    assert fn.name is None
+    assert fn.context is None
+    fn.abort()
+    await fn.wait_closed()
+
+
+# -- wait_closed and async with ------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_wait_closed_returns_after_the_finalizer_for_every_waiter() -> None:
+    order: list[str] = []
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+        lambda _: None, finalizer=lambda _: order.append("finalizer")
+    )
+
+    async def waiter(name: str) -> None:
+        await fn.wait_closed()
+        order.append(name)
+
+    tasks = [asyncio.ensure_future(waiter(f"waiter-{i}")) for i in range(3)]
+    await asyncio.sleep(0)
+    assert order == []
+    fn.release()
+    await asyncio.gather(*tasks)
+    assert order[0] == "finalizer"
+    assert sorted(order[1:]) == ["waiter-0", "waiter-1", "waiter-2"]
+    await fn.wait_closed()  # already closed: returns at once
+
+
+@pytest.mark.anyio
+async def test_async_with_waits_for_the_producers_to_finish() -> None:
+    got: list[int] = []
+    async with tsfn.ThreadsafeFunction(got.append) as fn:
+
+        def produce() -> None:
+            for i in range(100):
+                fn.call(i)
+            fn.release()
+
+        worker = start(produce)
+    assert fn.closed
+    assert got == list(range(100))
+    worker.finish()
+
+
+@pytest.mark.anyio
+async def test_async_with_aborts_first_when_the_body_raises() -> None:
+    """Nobody will release the initial producer: without the abort, this would hang."""
+    discarded: list[int] = []
+    finalized: list[object] = []
+
+    def call_js(loop: object, callback: object, context: object, data: int) -> None:
+        if loop is None:
+            discarded.append(data)
+
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+        call_js=call_js, finalizer=finalized.append, context="ctx"
+    )
+
+    async def failing_body() -> None:
+        async with fn:
+            fn.call(1)
+            raise LookupError("body failed")
+
+    with pytest.raises(LookupError, match="body failed"):
+        await failing_body()
+    assert fn.closed
+    assert finalized == ["ctx"]
+    assert discarded == [1]
+
+
+@pytest.mark.anyio
+async def test_async_with_enters_as_the_function_itself() -> None:
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
+    async with fn as entered:
+        assert entered is fn
+        fn.release()
+
+
+# -- callbacks, call_js, finalizer ---------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_callback_exception_goes_to_the_loop_handler_and_delivery_continues() -> None:
+    got: list[int] = []
+    boom = ValueError("item 2 is bad")
+
+    def callback(item: int) -> None:
+        if item == 2:
+            raise boom
+        got.append(item)
+
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(callback, name="flaky")
+    with loop_errors(asyncio.get_running_loop()) as errors:
+        for i in range(5):
+            fn.call(i)
+        fn.release()
+        await fn.wait_closed()
+    assert got == [0, 1, 3, 4]
+    assert [error["exception"] for error in errors] == [boom]
+    assert "flaky" in errors[0]["message"]
+
+
+@pytest.mark.anyio
+async def test_call_js_and_finalizer_exceptions_go_to_the_loop_handler() -> None:
+    delivery, discard, final = ValueError("delivery"), KeyError("discard"), OSError("final")
+
+    def call_js(loop: object, callback: object, context: object, data: int) -> None:
+        raise delivery if loop is not None else discard
+
+    def finalizer(_: object) -> None:
+        raise final
+
+    first: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(call_js=call_js)
+    second: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+        call_js=call_js, finalizer=finalizer
+    )
+    with loop_errors(asyncio.get_running_loop()) as errors:
+        first.call(1)
+        first.release()
+        await first.wait_closed()
+        second.call(1)
+        second.abort()
+        await second.wait_closed()
+    assert [error["exception"] for error in errors] == [delivery, discard, final]
+
+
+@pytest.mark.anyio
+async def test_call_js_gets_the_loop_the_callback_the_context_and_the_data() -> None:
+    loop = asyncio.get_running_loop()
+    calls: list[tuple[object, object, object, object]] = []
+
+    def callback(_: object) -> None:
+        pass
+
+    def call_js(*args: object) -> None:
+        calls.append(args)  # type: ignore[arg-type]
+
+    with_callback: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(
+        callback, call_js=call_js, context="ctx"
+    )
+    without_callback: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(
+        call_js=call_js, context="ctx"
+    )
+    with_callback.call("a")
+    without_callback.call("b")
+    for fn in (with_callback, without_callback):
+        fn.release()
+        await fn.wait_closed()
+    assert calls == [(loop, callback, "ctx", "a"), (loop, None, "ctx", "b")]
+
+
+@pytest.mark.anyio
+async def test_abort_inside_a_callback_stops_delivery_at_once() -> None:
+    """Items queued behind the one being delivered are not delivered after abort(), even
+    those the running drain had already picked up: they go to call_js as discards."""
+    delivered: list[int] = []
+    discarded: list[int] = []
+
+    def call_js(loop: object, callback: object, context: object, data: int) -> None:
+        if loop is None:
+            discarded.append(data)
+            return
+        delivered.append(data)
+        if data == 1:
+            fn.abort()
+
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(call_js=call_js)
+    for i in range(5):
+        fn.call(i)  # one turn: all five wait for the same drain
+    await fn.wait_closed()
+    assert (delivered, discarded) == ([0, 1], [2, 3, 4])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("max_queue_size", [0, 1], ids=["unbounded", "bounded"])
+async def test_no_wake_up_is_lost_when_each_call_waits_for_its_delivery(
+    max_queue_size: int, tiny_switch_interval: None
+) -> None:
+    """Ping-pong: every call lands just as the drain before it goes idle, the moment a
+    lost wake-up would strand the item (and this test would time out)."""
+    rounds = 2000
+    delivered = threading.Semaphore(0)
+    got: list[int] = []
+
+    def callback(item: int) -> None:
+        got.append(item)
+        delivered.release()
+
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+        callback, max_queue_size=max_queue_size
+    )
+
+    def ping() -> None:
+        for i in range(rounds):
+            fn.call(i)
+            if not delivered.acquire(timeout=WAIT):
+                raise AssertionError(f"item {i} was never delivered")
+        fn.release()
+
+    worker = start(ping)
+    await fn.wait_closed()
+    worker.finish()
+    assert worker.error is None
+    assert got == list(range(rounds))
+
+
+@pytest.mark.anyio
+async def test_finalizer_runs_once_on_the_loop_thread_after_every_item(
+    tiny_switch_interval: None,
+) -> None:
+    """Eight racing producers, each releasing when done; items from each stay in order."""
+    producers, per_producer = 8, 250
+    got: list[tuple[int, int]] = []
+    finalized: list[tuple[int, int]] = []
+    fn: tsfn.ThreadsafeFunction[tuple[int, int]] = tsfn.ThreadsafeFunction(
+        got.append,
+        max_queue_size=16,
+        initial_thread_count=producers,
+        finalizer=lambda _: finalized.append((threading.get_ident(), len(got))),
+    )
+
+    def produce(p: int) -> None:
+        for i in range(per_producer):
+            fn.call((p, i))
+        fn.release()
+
+    workers = [start(functools.partial(produce, p)) for p in range(producers)]
+    await fn.wait_closed()
+    for worker in workers:
+        worker.finish()
+        assert worker.error is None
+    assert finalized == [(threading.get_ident(), producers * per_producer)]
+    for p in range(producers):
+        assert [i for q, i in got if q == p] == list(range(per_producer))
+
+
+# -- wake-ups ------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_calls_while_a_drain_is_pending_cost_one_wake_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scheduled = wake_up_spy(monkeypatch)
+    got: list[int] = []
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(got.append)
+
+    # From the loop thread, in one turn: the first call wakes the loop, the rest ride along.
+    for i in range(100):
+        fn.call(i)
+    await asyncio.wrap_future(fn.submit(100))
+    assert drains_of(fn, scheduled) == 1
+
+    # From a thread while the loop thread is held: a drain is pending the whole time.
+    def produce() -> None:
+        for i in range(101, 1101):
+            fn.call(i)
+
+    start(produce).finish()  # blocks the loop thread on purpose: nothing drains meanwhile
+    assert drains_of(fn, scheduled) == 2
+    await asyncio.wrap_future(fn.submit(1101))
+    assert drains_of(fn, scheduled) == 2
+    fn.release()
+    await fn.wait_closed()
+    assert got == list(range(1102))
+
+
+@pytest.mark.anyio
+async def test_calls_while_a_drain_runs_wake_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Items queued while a callback runs are picked up by that drain's follow-up."""
+    scheduled = wake_up_spy(monkeypatch)
+    got: list[int] = []
+    all_delivered = asyncio.Event()
+
+    def flood() -> None:
+        for i in range(1, 501):
+            fn.call(i)
+
+    def callback(item: int) -> None:
+        got.append(item)
+        if item == 0:
+            start(flood).finish()  # inside a drain, the loop thread waits for the flood
+        elif item == 500:
+            all_delivered.set()
+
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(callback)
+    fn.call(0)
+    await all_delivered.wait()
+    assert drains_of(fn, scheduled) == 1
+    fn.release()
+    await fn.wait_closed()
+    assert got == list(range(501))
+
+
+@pytest.mark.anyio
+async def test_a_drain_delivers_at_most_1000_items_then_lets_other_callbacks_run() -> None:
+    got: list[object] = []
+
+    def callback(item: int) -> None:
+        got.append(item)
+        if item == 0:
+            asyncio.get_running_loop().call_soon(got.append, "other callback")
+
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(callback)
+
+    def produce() -> None:
+        for i in range(2500):
+            fn.call(i)
+
+    start(produce).finish()  # the loop thread is held: all 2500 wait for one drain
+    fn.release()
+    await fn.wait_closed()
+    position = got.index("other callback")
+    assert 1 <= position <= 1000, f"the loop ran other callbacks only after {position} items"
+    assert [item for item in got if item != "other callback"] == list(range(2500))
+
+
+# -- the two lock-free hand-offs (white-box) ------------------------------------------------
+#
+# _function.py's docstring names two hand-offs that keep the unlocked call path correct:
+# the wake token (no lost wake-up) and the in-flight marker (no item lands after the
+# last look at closing). Each is a window of a few bytecodes that random scheduling
+# rarely hits, so these tests hook the function's internals to stop a producer exactly
+# inside the window. Each asserts that its hook fired, so a refactoring that makes the
+# hook miss fails loudly instead of passing quietly.
+
+
+class _QueueWithAHook(deque[Any]):
+    """The function's queue. Once `producer` is set, the next time the loop finds the
+    queue empty, that producer appends right after the look, before the loop's next step."""
+
+    def __init__(self, loop_thread: int) -> None:
+        super().__init__()
+        self.loop_thread = loop_thread
+        self.producer: Callable[[], object] | None = None
+        self.fired = False
+
+    def __bool__(self) -> bool:
+        empty = len(self) == 0
+        if empty and self.producer is not None and threading.get_ident() == self.loop_thread:
+            producer, self.producer = self.producer, None
+            start(producer).finish()
+            self.fired = True
+        return not empty  # the look taken before the producer's append
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("max_queue_size", [0, 10], ids=["unbounded", "bounded"])
+async def test_an_item_queued_as_the_drain_goes_idle_is_still_delivered(
+    max_queue_size: int,
+) -> None:
+    """The drain saw an empty queue; a producer appends and, with the wake token still
+    held by that drain, schedules nothing. The drain must look again after putting the
+    token back, or the item waits forever."""
+    late_delivered = asyncio.Event()
+
+    def callback(item: str) -> None:
+        if item == "first":
+            hooked.producer = lambda: fn.call("late")
+        else:
+            late_delivered.set()
+
+    fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(
+        callback, max_queue_size=max_queue_size
+    )
+    hooked = _QueueWithAHook(threading.get_ident())
+    fn._queue = hooked
+    fn.call("first")
+    await asyncio.wait_for(late_delivered.wait(), WAIT)
+    assert hooked.fired
+    fn.release()
+    await fn.wait_closed()
+
+
+class _InflightWithAHook(list[None]):
+    """The function's in-flight markers; tells when the loop first looks at them."""
+
+    def __init__(self, loop_thread: int, looked: threading.Event) -> None:
+        super().__init__()
+        self.loop_thread = loop_thread
+        self.looked = looked
+
+    def __bool__(self) -> bool:
+        if threading.get_ident() == self.loop_thread:
+            self.looked.set()
+        return len(self) > 0
+
+
+@pytest.mark.anyio
+async def test_a_call_that_passed_the_closing_check_lands_before_abort_discards() -> None:
+    """An unbounded call checked `closing` (not yet set) and is about to append when the
+    loop aborts. abort must wait for it, so the item is discarded like the others:
+    a call that returns normally is always delivered or discarded."""
+    loop_thread = threading.get_ident()
+    discarded: list[str] = []
+    go = threading.Event()  # the loop is looking at the in-flight calls (or finished)
+    checked = threading.Event()
+
+    def call_js(loop: object, callback: object, context: object, data: str) -> None:
+        if loop is None:
+            discarded.append(data)
+
+    fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(
+        call_js=call_js, finalizer=lambda _: go.set()
+    )
+    fn._inflight = _InflightWithAHook(loop_thread, go)
+    real_is_closed = fn._loop_is_closed
+
+    def is_closed_then_stall() -> bool:
+        closed = real_is_closed()
+        if threading.get_ident() != loop_thread:
+            checked.set()  # past the closing check, before the append
+            go.wait(WAIT)
+        return closed
+
+    fn._loop_is_closed = is_closed_then_stall
+    producer = start(lambda: fn.call("in flight"))
+    assert checked.wait(WAIT)
+    fn.abort()
+    await fn.wait_closed()
+    producer.finish()
+    assert producer.error is None  # it returned normally ...
+    assert discarded == ["in flight"]  # ... so its item must be accounted for
+
+
+class _TokenWithAHook(list[None]):
+    """The function's wake token; stalls one producer at its first look at the token,
+    that is after its item is queued and before it sends the wake-up."""
+
+    def __init__(self, producer: str, appended: threading.Event, resume: threading.Event) -> None:
+        super().__init__([None])
+        self.producer: str | None = producer  # the thread's name
+        self.appended = appended
+        self.resume = resume
+
+    def __bool__(self) -> bool:
+        if threading.current_thread().name == self.producer:
+            self.producer = None
+            self.appended.set()
+            self.resume.wait(WAIT)
+        return len(self) > 0
+
+
+def test_a_call_racing_loop_shutdown_raises_closing_only_if_its_item_was_not_taken(
+    loop_factory: LoopFactory,
+) -> None:
+    """The item is queued; before its caller sends the wake-up, asyncio.run aborts the
+    function (handing the item to call_js as a discard) and closes the loop. The call
+    must then return normally: raising Closing tells the caller its item was not
+    queued, and a caller that frees the item on Closing would free it twice."""
+    discarded: list[str] = []
+    appended, loop_gone = threading.Event(), threading.Event()
+    token = _TokenWithAHook("racing-producer", appended, loop_gone)
+    workers: list[Worker] = []
+
+    def call_js(loop: object, callback: object, context: object, data: str) -> None:
+        if loop is None:
+            discarded.append(data)
+
+    async def main() -> None:
+        fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(call_js=call_js)
+        fn._wake_token = token
+        workers.append(start(lambda: fn.call("racing"), "racing-producer"))
+        appended.wait(WAIT)  # holds the loop thread: the wake-up is not sent yet
+
+    try:
+        asyncio_run(main(), loop_factory)
+    finally:
+        loop_gone.set()
+    workers[0].finish()
+    if not appended.is_set():
+        pytest.fail("the hook never stopped the producer: rewrite this test")
+    assert discarded == ["racing"]
+    assert workers[0].error is None
+
+
+# -- loop shutdown -------------------------------------------------------------------------
+
+
+class _Streaming:
+    """A function fed by a producer that calls until told Closing, with full accounting."""
+
+    def __init__(self) -> None:
+        self.delivered: list[int] = []
+        self.discarded: list[int] = []
+        self.finalized: list[int] = []  # the finalizer's thread id
+        self.accepted = 0
+        self.some_delivered: asyncio.Event | None = None
+        self.fn: tsfn.ThreadsafeFunction[int] | None = None
+        self.producer: Worker | None = None
+
+    def call_js(self, loop: object, callback: object, context: object, data: int) -> None:
+        if loop is None:
+            self.discarded.append(data)
+            return
+        self.delivered.append(data)
+        if len(self.delivered) == 10:
+            assert self.some_delivered is not None
+            self.some_delivered.set()
+
+    def produce(self) -> None:
+        assert self.fn is not None
+        while True:
+            self.fn.call(self.accepted)  # raises Closing at shutdown: the only way out
+            self.accepted += 1
+
+    async def start(self) -> None:
+        """Create the function and its producer; return once items flow."""
+        self.some_delivered = asyncio.Event()
+        self.fn = tsfn.ThreadsafeFunction(
+            call_js=self.call_js,
+            max_queue_size=1,
+            finalizer=lambda _: self.finalized.append(threading.get_ident()),
+        )
+        self.producer = start(self.produce, "streaming-producer")
+        await self.some_delivered.wait()
+
+    def check_aborted_cleanly(self) -> None:
+        assert self.fn is not None
+        assert self.producer is not None
+        self.producer.finish()
+        assert isinstance(self.producer.error, tsfn.Closing), repr(self.producer.error)
+        assert "Event loop is closed" not in str(self.producer.error)
+        assert self.finalized == [threading.get_ident()]  # once, on the loop's thread
+        assert self.fn.closing
+        assert self.fn.closed
+        # Every accepted call was delivered or discarded, once, in order.
+        assert self.delivered + self.discarded == list(range(self.accepted))
+        # And the function stays closed for anyone who tries later, from any thread.
+        fn = self.fn
+        late = start(lambda: fn.call(-1))
+        late.finish()
+        assert isinstance(late.error, tsfn.Closing)
+        assert "Event loop is closed" not in str(late.error)
+
+
+def test_asyncio_run_shutdown_aborts_an_open_function(
+    loop_factory: LoopFactory, tiny_switch_interval: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    streaming = _Streaming()
+    asyncio_run(streaming.start(), loop_factory)
+    streaming.check_aborted_cleanly()
+    assert "Event loop is closed" not in caplog.text
+
+
+def test_asyncio_runner_close_aborts_an_open_function_with_a_producer_waiting(
+    loop_factory: LoopFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    if sys.version_info < (3, 11):
+        pytest.skip("asyncio.Runner is new in 3.11")
+    streaming = _Streaming()
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(streaming.start())
+        # Between runs the loop does not turn: the producer fills the queue and waits.
+        assert streaming.fn is not None
+        fn = streaming.fn
+        wait_until(lambda: blocked_callers(fn) == 1)
+    streaming.check_aborted_cleanly()
+    assert "Event loop is closed" not in caplog.text
+
+
+def test_loop_close_makes_calls_raise_closing_and_wakes_blocked_callers(
+    loop_factory: LoopFactory,
+) -> None:
+    loop = loop_factory()
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+        lambda _: None, max_queue_size=1, loop=loop
+    )
+    fn.call(0)  # the loop never runs: the queue stays full
+    callers = [start(functools.partial(fn.call, i), f"blocked-{i}") for i in range(1, 4)]
+    wait_until(lambda: blocked_callers(fn) == 3)
+
+    loop.close()
+    for caller in callers:
+        caller.finish()
+        assert isinstance(caller.error, tsfn.Closing), repr(caller.error)
+    for attempt in (lambda: fn.call(9), lambda: fn.call_nowait(9), lambda: fn.submit(9)):
+        with pytest.raises(tsfn.Closing, match="closed"):
+            attempt()
+    assert not fn.closed  # the finalizer cannot run on a closed loop
+
+
+def test_loop_close_makes_the_function_closing(loop_factory: LoopFactory) -> None:
+    loop = loop_factory()
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None, loop=loop)
+    loop.close()
+    with pytest.raises(tsfn.Closing):
+        fn.call(1)
+    assert fn.closing
+    with pytest.raises(tsfn.Closing):
+        fn.acquire()
+
+
+@pytest.mark.parametrize(
+    "first_on_its_loop",
+    [True, False],
+    ids=["first-function-of-its-loop", "loop-already-has-a-function"],
+)
+def test_function_created_by_an_executor_job_during_shutdown_is_still_aborted(
+    loop_factory: LoopFactory, first_on_its_loop: bool
+) -> None:
+    """asyncio.run joins the default executor after closing async generators; a job
+    still running then may create a function. It must not outlive the loop open."""
+    asyncgens_closed = threading.Event()
+    finalized: list[str] = []
+    made: list[tsfn.ThreadsafeFunction[int]] = []
+    keep: list[object] = []
+
+    async def marker() -> Any:
+        try:
+            yield
+        finally:  # run by loop.shutdown_asyncgens()
+            asyncgens_closed.set()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        if not first_on_its_loop:
+            other: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
+            other.release()
+            await other.wait_closed()
+        generator = marker()
+        await generator.asend(None)
+        keep.append(generator)  # alive until shutdown_asyncgens closes it
+
+        def job() -> None:
+            assert asyncgens_closed.wait(WAIT)
+            made.append(
+                tsfn.ThreadsafeFunction(
+                    lambda _: None, loop=loop, finalizer=lambda _: finalized.append("late")
+                )
+            )
+
+        loop.run_in_executor(None, job)  # not awaited: asyncio.run joins it at shutdown
+
+    asyncio_run(main(), loop_factory)
+    fn = made[-1]
+    assert fn.closed
+    assert finalized == ["late"]
