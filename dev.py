@@ -51,6 +51,7 @@ def _test(python: Path, pytest_args: list[str]) -> None:
     _run(python, "-m", "ruff", "check", ".")
     _run(python, "-m", "ruff", "format", "--check", ".")
     _run(python, "-m", "mypy")
+    os.environ.setdefault("NO_MKDOCS_2_WARNING", "1")  # mkdocs-material's banner
     if (ROOT / "mkdocs.yml").exists():
         _run(python, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", ROOT / "site")
     # Development mode (-X dev: resource warnings, debug hooks) and asyncio's debug
