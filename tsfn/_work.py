@@ -57,11 +57,13 @@ class _Gate:
                 self._state = "started"
         return self._state == "started"
 
-    def cancel(self) -> bool:
+    def cancel(self, stop: Callable[[], bool] = lambda: True) -> bool:
+        """Cancel if still pending and `stop()` agrees; True only the first time."""
         with self._lock:
-            if self._state == "pending":
-                self._state = "cancelled"
-        return self._state == "cancelled"
+            if self._state != "pending" or not stop():
+                return False
+            self._state = "cancelled"
+            return True
 
 
 class _Skipped(Exception):
@@ -160,11 +162,13 @@ class AsyncWork(Generic[D, R]):
 
         True: `execute` will not run and `complete` gets `Status.CANCELLED` (soon, on
         the loop thread, never inside this call). False: it is running or done (Node:
-        `napi_generic_failure`), or it was never queued.
+        `napi_generic_failure`), it was cancelled already, or it was never queued.
         """
         if self._executor_future is not None:
-            # The executor's future completes as cancelled and _on_done follows.
-            return self._executor_future.cancel()
+            # The executor's own future decides (that works across processes too); it
+            # completes as cancelled and _on_done follows. The gate makes a second
+            # cancel() return False.
+            return self._gate.cancel(self._executor_future.cancel)
         if self._port is None or not self._gate.cancel():
             return False
         # The default executor still holds the job and will skip it when a worker

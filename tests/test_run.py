@@ -1,0 +1,339 @@
+"""tsfn.run: asyncio.run with Node's event-loop liveness.
+
+After `main` returns, the loop keeps running while a referenced ThreadsafeFunction is
+open or a queued AsyncWork has not completed (Node's uv_ref), then aborts what is
+still open. Ported cases: U1 (an unref'd function that is never released does not
+keep the loop alive) and U2 (unref then ref: it does again).
+
+To show that `run` really waited, the work that closes a function is held back until
+a loop callback scheduled by `main` runs, which can only happen after `main` has
+returned; had `run` not waited, the function would have been aborted instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import tsfn
+from tsfn import AsyncWork, Closing, Status, ThreadsafeFunction
+
+pytestmark = pytest.mark.timeout(20)
+
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+class AfterMain:
+    """A `threading.Event` released by a loop callback that runs only after `main` returned."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.main_returned = False
+        self.released_after_main = False
+
+    def schedule(self) -> None:
+        """Call in `main`: the callback runs on a later loop iteration than main's return."""
+        asyncio.get_running_loop().call_soon(self._release)
+
+    def _release(self) -> None:
+        self.released_after_main = self.main_returned
+        self.event.set()
+
+    def wait(self) -> None:
+        assert self.event.wait(timeout=10), "never released"
+
+
+class Recorder:
+    """call_js and finalizer hooks that record what they were given."""
+
+    def __init__(self) -> None:
+        self.delivered: list[object] = []
+        self.discarded: list[object] = []
+        self.bad_discards: list[tuple[object, object]] = []
+        self.finalized: list[object] = []
+
+    def call_js(
+        self,
+        loop: asyncio.AbstractEventLoop | None,
+        callback: Callable[[Any], object] | None,
+        context: object,
+        data: object,
+    ) -> None:
+        if loop is None:
+            self.discarded.append(data)
+            if callback is not None or context != "ctx":
+                self.bad_discards.append((callback, context))
+        else:
+            self.delivered.append(data)
+
+    def finalizer(self, context: object) -> None:
+        self.finalized.append(context)
+
+
+def test_run_returns_mains_result(loop_factory: LoopFactory) -> None:
+    async def main(x: int) -> int:
+        await asyncio.sleep(0)
+        return x * 2
+
+    assert tsfn.run(main(21), loop_factory=loop_factory) == 42
+
+
+def test_run_uses_the_loop_factory(loop_factory: LoopFactory) -> None:
+    created: list[asyncio.AbstractEventLoop] = []
+
+    def factory() -> asyncio.AbstractEventLoop:
+        created.append(loop_factory())
+        return created[-1]
+
+    async def main() -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    loop = tsfn.run(main(), loop_factory=factory)
+    assert created == [loop]
+    assert loop.is_closed()
+
+
+@pytest.mark.parametrize("debug", [True, False])
+def test_run_sets_debug_mode(debug: bool) -> None:
+    async def main() -> bool:
+        return asyncio.get_running_loop().get_debug()
+
+    assert tsfn.run(main(), debug=debug) is debug
+
+
+def test_run_refuses_a_coroutine_function_that_was_not_called() -> None:
+    async def main() -> None:
+        pass
+
+    with pytest.raises(TypeError, match=r"main.*run\(main\(\)\)"):
+        tsfn.run(main)  # type: ignore[arg-type]
+
+
+def test_run_waits_for_a_referenced_function_to_close(loop_factory: LoopFactory) -> None:
+    after_main = AfterMain()
+    hooks = Recorder()
+    producer_errors: list[BaseException] = []
+    fns: list[ThreadsafeFunction[int]] = []
+
+    def producer(fn: ThreadsafeFunction[int]) -> None:
+        try:
+            after_main.wait()
+            for i in range(5):
+                fn.call(i)
+            fn.release()
+        except BaseException as exc:
+            producer_errors.append(exc)
+
+    async def main() -> str:
+        fn: ThreadsafeFunction[int] = ThreadsafeFunction(
+            call_js=hooks.call_js, context="ctx", finalizer=hooks.finalizer
+        )
+        fns.append(fn)
+        threading.Thread(target=producer, args=(fn,), name="gated-producer").start()
+        after_main.schedule()
+        after_main.main_returned = True
+        return "main done"
+
+    assert tsfn.run(main(), loop_factory=loop_factory) == "main done"
+    assert after_main.released_after_main
+    assert producer_errors == []
+    assert hooks.delivered == [0, 1, 2, 3, 4]
+    assert hooks.discarded == []
+    assert hooks.finalized == ["ctx"]
+    assert fns[0].closed
+
+
+def test_run_waits_for_a_queued_async_work_to_complete(loop_factory: LoopFactory) -> None:
+    after_main = AfterMain()
+    completions: list[tuple[Status, object]] = []
+
+    def execute(data: str) -> str:
+        after_main.wait()
+        return data.upper()
+
+    works: list[AsyncWork[str, str]] = []
+
+    async def main() -> None:
+        work = AsyncWork(execute, lambda status, data: completions.append((status, data)), data="w")
+        works.append(work.queue())  # queued, never awaited
+        after_main.schedule()
+        after_main.main_returned = True
+
+    tsfn.run(main(), loop_factory=loop_factory)
+    assert after_main.released_after_main
+    assert completions == [(Status.OK, "w")]
+    assert works[0].status is Status.OK
+
+
+@pytest.mark.parametrize("switches", [["unref"], ["ref", "ref", "unref"], ["unref", "unref"]])
+def test_U1_run_does_not_wait_for_an_unrefd_function_and_aborts_it(
+    loop_factory: LoopFactory, switches: list[str]
+) -> None:
+    """Not counted, like uv_ref: one unref() after any number of ref() lets run exit.
+    The function is then aborted: every item it accepted goes to call_js with
+    loop=None, a producer blocked on the full queue wakes with Closing, and the
+    finalizer runs once."""
+    hooks = Recorder()
+    accepted: list[int] = []
+    producer_errors: list[BaseException] = []
+    fns: list[ThreadsafeFunction[int]] = []
+    producing = threading.Event()
+
+    def producer(fn: ThreadsafeFunction[int]) -> None:
+        try:
+            for i in range(1_000_000):
+                fn.call(i)  # blocks after the first item: nobody drains before the abort
+                accepted.append(i)
+                producing.set()
+        except BaseException as exc:
+            producer_errors.append(exc)
+
+    threads: list[threading.Thread] = []
+
+    async def main() -> None:
+        fn: ThreadsafeFunction[int] = ThreadsafeFunction(
+            call_js=hooks.call_js,
+            context="ctx",
+            finalizer=hooks.finalizer,
+            max_queue_size=1,
+        )
+        fns.append(fn)
+        for switch in switches:
+            getattr(fn, switch)()
+        threads.append(threading.Thread(target=producer, args=(fn,), name="never-releases"))
+        threads[0].start()
+        # Without yielding to the loop, so nothing can be delivered before run ends.
+        assert producing.wait(timeout=10)
+
+    tsfn.run(main(), loop_factory=loop_factory)
+    threads[0].join(timeout=10)
+    assert not threads[0].is_alive()
+    assert len(producer_errors) == 1
+    assert isinstance(producer_errors[0], Closing)
+    assert hooks.delivered == []
+    assert hooks.discarded == accepted == [0]
+    assert hooks.bad_discards == []
+    assert hooks.finalized == ["ctx"]
+    assert fns[0].closed
+
+
+@pytest.mark.parametrize("switches", [["unref", "ref"], ["unref", "unref", "ref"]])
+def test_U2_ref_after_unref_makes_run_wait_again(
+    loop_factory: LoopFactory, switches: list[str]
+) -> None:
+    after_main = AfterMain()
+    hooks = Recorder()
+
+    def producer(fn: ThreadsafeFunction[int]) -> None:
+        after_main.wait()
+        fn.call(1)
+        fn.release()
+
+    threads: list[threading.Thread] = []
+
+    async def main() -> None:
+        fn: ThreadsafeFunction[int] = ThreadsafeFunction(
+            call_js=hooks.call_js, context="ctx", finalizer=hooks.finalizer
+        )
+        for switch in switches:
+            getattr(fn, switch)()
+        threads.append(threading.Thread(target=producer, args=(fn,)))
+        threads[0].start()
+        after_main.schedule()
+        after_main.main_returned = True
+
+    tsfn.run(main(), loop_factory=loop_factory)
+    threads[0].join()
+    assert after_main.released_after_main
+    assert hooks.delivered == [1]
+    assert hooks.finalized == ["ctx"]
+
+
+def test_unref_after_main_returned_lets_run_finish(loop_factory: LoopFactory) -> None:
+    # ref/unref switch a function in and out of the count at any time: here from a
+    # loop callback while run is already waiting for it.
+    hooks = Recorder()
+
+    async def main() -> None:
+        fn: ThreadsafeFunction[int] = ThreadsafeFunction(
+            call_js=hooks.call_js, context="ctx", finalizer=hooks.finalizer
+        )
+        asyncio.get_running_loop().call_soon(fn.unref)
+
+    tsfn.run(main(), loop_factory=loop_factory)
+    assert hooks.finalized == ["ctx"]
+
+
+def test_main_raising_propagates_and_open_functions_are_aborted(
+    loop_factory: LoopFactory,
+) -> None:
+    """The loop may still deliver a little while it shuts down, so the check is the
+    contract itself: every accepted item is delivered or discarded exactly once, in
+    order, before the finalizer; the producer wakes with Closing."""
+    hooks = Recorder()
+    accepted: list[int] = []
+    producer_errors: list[BaseException] = []
+    producing = threading.Event()
+    threads: list[threading.Thread] = []
+    fns: list[ThreadsafeFunction[int]] = []
+
+    def producer(fn: ThreadsafeFunction[int]) -> None:
+        try:
+            for i in range(1_000_000):
+                fn.call(i)
+                accepted.append(i)
+                producing.set()
+        except BaseException as exc:
+            producer_errors.append(exc)
+
+    async def main() -> None:
+        fn: ThreadsafeFunction[int] = ThreadsafeFunction(
+            call_js=hooks.call_js,
+            context="ctx",
+            finalizer=hooks.finalizer,
+            max_queue_size=1,
+        )
+        fns.append(fn)
+        threads.append(threading.Thread(target=producer, args=(fn,)))
+        threads[0].start()
+        assert producing.wait(timeout=10)
+        raise LookupError("main failed")
+
+    with pytest.raises(LookupError, match="main failed"):
+        tsfn.run(main(), loop_factory=loop_factory)
+    threads[0].join(timeout=10)
+    assert not threads[0].is_alive()
+    assert [type(e) for e in producer_errors] == [Closing]
+    assert accepted
+    assert hooks.delivered + hooks.discarded == accepted
+    assert hooks.bad_discards == []
+    assert hooks.finalized == ["ctx"]
+    assert fns[0].closed
+
+
+def test_main_raising_cancels_a_work_that_has_not_started(loop_factory: LoopFactory) -> None:
+    completions: list[Status] = []
+    ran: list[object] = []
+    gate = threading.Event()
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(gate.wait)  # the only worker is busy: the work stays queued
+
+        async def main() -> None:
+            AsyncWork(
+                ran.append, lambda status, _: completions.append(status), executor=pool
+            ).queue()
+            raise LookupError("main failed")
+
+        try:
+            with pytest.raises(LookupError):
+                tsfn.run(main(), loop_factory=loop_factory)
+        finally:
+            gate.set()
+    assert ran == []
+    assert completions == [Status.CANCELLED]

@@ -1,0 +1,449 @@
+"""tsfn.stream: node-addon-api's AsyncProgressQueueWorker (every item, with
+backpressure) and, with ``latest=True``, its AsyncProgressWorker (newest item only).
+
+Ported cases: Q1 (every emitted item reaches the consumer, in order, before the end),
+Q2 and P2 (a failing worker: the consumer gets the error), P3 (a worker emitting far
+faster than the consumer reads, in latest mode). Backpressure is measured by
+counting, never by timing: the worker and the consumer share two counters under a
+lock, and the worker records how far ahead it got each time an emit returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+import tsfn
+from tsfn import Closing
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(20)]
+
+Emit = Callable[[int], None]
+
+
+def set_from_worker(event: asyncio.Event) -> Callable[[], None]:
+    """A function a worker thread calls to set `event` on the loop (the only safe way)."""
+    loop = asyncio.get_running_loop()
+
+    def signal() -> None:
+        loop.call_soon_threadsafe(event.set)
+
+    return signal
+
+
+class EndlessWorker:
+    """A worker that emits forever and records how it was stopped.
+
+    `done` is set in its `finally`, so a test can check that the `async with` block
+    did not exit before the worker returned.
+    """
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.stopped_by: BaseException | None = None
+        self.cancelled_at_stop: bool | None = None
+
+    def __call__(self, emit: Emit) -> None:
+        try:
+            for i in itertools.count():
+                emit(i)
+        except BaseException as exc:
+            self.stopped_by = exc
+            self.cancelled_at_stop = tsfn.cancelled()
+            raise
+        finally:
+            self.done.set()
+
+
+# -- every item, in order ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_queue_size", [0, 1, 64])
+async def test_Q1_every_item_arrives_in_order_then_the_result(max_queue_size: int) -> None:
+    def worker(emit: Emit, n: int, tag: str) -> str:
+        for i in range(n):
+            emit(i)
+        return f"{tag}: {n} emitted"
+
+    got: list[int] = []
+    async with tsfn.stream(worker, 2000, "w", max_queue_size=max_queue_size) as items:
+        async for item in items:
+            got.append(item)
+    assert got == list(range(2000))
+    assert items.result == "w: 2000 emitted"
+
+
+async def test_result_is_not_available_before_the_iteration_ends() -> None:
+    def worker(emit: Emit) -> int:
+        emit(1)
+        return 99
+
+    async with tsfn.stream(worker) as items:
+        with pytest.raises(RuntimeError):
+            _ = items.result
+        assert [item async for item in items] == [1]
+        assert items.result == 99
+
+
+async def test_the_worker_runs_on_the_executor_given() -> None:
+    def worker(emit: Callable[[str], None]) -> str:
+        emit(threading.current_thread().name)
+        return threading.current_thread().name
+
+    with concurrent.futures.ThreadPoolExecutor(thread_name_prefix="stream-pool") as pool:
+        async with tsfn.stream(worker, executor=pool) as items:
+            names = [name async for name in items]
+    assert len(names) == 1
+    assert names[0].startswith("stream-pool")
+    assert items.result == names[0]
+
+
+def emits_nothing(emit: Emit) -> None:
+    pass
+
+
+async def test_a_process_pool_is_refused_because_emit_cannot_cross_processes() -> None:
+    with (
+        concurrent.futures.ProcessPoolExecutor(max_workers=1) as pool,
+        pytest.raises(TypeError, match="executor"),
+    ):
+        tsfn.stream(emits_nothing, executor=pool)
+
+
+async def test_bad_max_queue_size_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="max_queue_size"):
+        tsfn.stream(emits_nothing, max_queue_size=-1)
+
+
+# -- backpressure ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_queue_size", [1, 2, 5, 64])
+async def test_the_worker_is_never_more_than_max_queue_size_plus_one_ahead(
+    max_queue_size: int,
+) -> None:
+    """Counted, not timed. An item is "ahead" from the moment the worker holds it (just
+    before `emit`) until the consumer has read it, so the count covers every buffer
+    between them plus the item in the worker's hand. The bound holds at every step,
+    and a stalled consumer lets the worker reach it exactly: the bound is the real
+    one, not merely a looser one that happens to hold."""
+    bound = max_queue_size + 1
+    n = 3 * bound + 50
+    pauses = {0, n // 3, n - bound}  # consumed counts at which the consumer stalls
+    lock = threading.Lock()
+    produced = consumed = max_ahead = 0
+    full_at: set[int] = set()  # consumed counts at which the worker reached the bound
+    full = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def note_full(at: int) -> None:
+        full_at.add(at)
+        full.set()
+
+    def worker(emit: Emit) -> None:
+        nonlocal produced, max_ahead
+        for i in range(n):
+            with lock:
+                produced += 1
+                ahead = produced - consumed
+                max_ahead = max(max_ahead, ahead)
+                at = consumed
+            if ahead == bound:
+                loop.call_soon_threadsafe(note_full, at)
+            emit(i)  # must block here until the consumer reads: every slot is taken
+
+    got: list[int] = []
+    async with tsfn.stream(worker, max_queue_size=max_queue_size) as items:
+        while True:
+            if consumed in pauses:
+                # Stall until the worker is as far ahead as it may get. A timeout here
+                # means it never got there: the stream holds back more than it must.
+                while consumed not in full_at:
+                    full.clear()
+                    await asyncio.wait_for(full.wait(), timeout=10)
+            try:
+                item = await items.__anext__()
+            except StopAsyncIteration:
+                break
+            got.append(item)
+            with lock:
+                assert produced - consumed <= bound
+                consumed += 1
+    assert got == list(range(n))
+    assert max_ahead == bound
+    assert pauses <= full_at
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+class WorkerError(Exception):
+    pass
+
+
+@pytest.mark.parametrize("max_queue_size", [1, 64])
+async def test_Q2_items_before_an_exception_arrive_first_then_the_exception(
+    max_queue_size: int,
+) -> None:
+    boom = WorkerError("worker failed")
+    raised = asyncio.Event()
+    signal_raised = set_from_worker(raised)
+
+    def worker(emit: Emit) -> None:
+        for i in range(5):
+            emit(i)
+        signal_raised()
+        raise boom
+
+    got: list[int] = []
+
+    async def consume() -> None:
+        async with tsfn.stream(worker, max_queue_size=max_queue_size) as items:
+            if max_queue_size > 5:
+                # Read only after the worker raised: the items are all still queued.
+                await raised.wait()
+            async for item in items:
+                got.append(item)
+
+    with pytest.raises(WorkerError) as caught:
+        await consume()
+    assert caught.value is boom
+    assert got == [0, 1, 2, 3, 4]
+
+
+async def test_P2_an_exception_before_any_item_reaches_the_consumer() -> None:
+    def worker(emit: Emit) -> None:
+        raise WorkerError("no items")
+
+    async with tsfn.stream(worker) as items:
+        with pytest.raises(WorkerError, match="no items"):
+            await items.__anext__()
+
+
+async def test_an_exception_is_not_lost_when_the_consumer_never_iterates() -> None:
+    finished = asyncio.Event()
+    signal_finished = set_from_worker(finished)
+
+    def worker(emit: Emit) -> None:
+        signal_finished()
+        raise WorkerError("unseen")
+
+    with pytest.raises(WorkerError, match="unseen"):
+        async with tsfn.stream(worker):
+            await finished.wait()
+
+
+# -- leaving early ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("max_queue_size", "latest"), [(1, False), (64, False), (0, False), (0, True)]
+)
+async def test_break_makes_the_next_emit_raise_closing_and_waits_for_the_worker(
+    max_queue_size: int, latest: bool
+) -> None:
+    worker = EndlessWorker()
+    got: list[int] = []
+    async with tsfn.stream(worker, max_queue_size=max_queue_size, latest=latest) as items:
+        async for item in items:
+            got.append(item)
+            if len(got) == 3:
+                break
+    # The block exits only after the worker has returned.
+    assert worker.done.is_set()
+    assert isinstance(worker.stopped_by, Closing)
+    assert worker.cancelled_at_stop is True
+    assert len(got) == 3
+    if not latest:
+        assert got == [0, 1, 2]
+
+
+async def test_leaving_without_reading_stops_a_blocked_worker() -> None:
+    worker = EndlessWorker()
+    started = asyncio.Event()
+    signal_started = set_from_worker(started)
+
+    def fill_then_forever(emit: Emit) -> None:
+        emit(-1)  # takes the only slot: nobody reads it, so the next emit must wait
+        signal_started()
+        worker(emit)
+
+    async with tsfn.stream(fill_then_forever, max_queue_size=1):
+        await started.wait()
+    assert worker.done.is_set()
+    assert isinstance(worker.stopped_by, Closing)
+
+
+async def test_an_error_in_the_body_propagates_and_still_waits_for_the_worker() -> None:
+    worker = EndlessWorker()
+
+    async def consume() -> None:
+        async with tsfn.stream(worker, max_queue_size=1) as items:
+            async for _ in items:
+                raise KeyError("consumer failed")
+
+    with pytest.raises(KeyError):
+        await consume()
+    assert worker.done.is_set()
+    assert isinstance(worker.stopped_by, Closing)
+
+
+@pytest.mark.parametrize("where", ["in the body", "waiting for an item"])
+async def test_cancelling_the_consumer_task_stops_the_worker_before_the_block_exits(
+    where: str,
+) -> None:
+    worker = EndlessWorker()
+    reading = asyncio.Event()
+    release_items = threading.Event()
+    done_when_block_exited: list[bool] = []
+
+    def gated(emit: Emit) -> None:
+        # Emit three items, then (for "waiting for an item") make the consumer wait.
+        for i in range(3):
+            emit(i)
+        if where == "waiting for an item":
+            release_items.wait()
+        worker(emit)
+
+    async def consume() -> None:
+        try:
+            async with tsfn.stream(gated, max_queue_size=1) as items:
+                got = 0
+                async for _ in items:
+                    got += 1
+                    if got == 3:
+                        reading.set()
+                        if where == "in the body":
+                            await asyncio.Event().wait()  # parked here until cancelled
+        finally:
+            done_when_block_exited.append(worker.done.is_set())
+
+    task = asyncio.ensure_future(consume())
+    # reading is set in the same step in which the task then suspends: in the body,
+    # or in its next `async for` wait (the worker holds item 4 back).
+    await reading.wait()
+    task.cancel()
+    release_items.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert done_when_block_exited == [True]
+    assert isinstance(worker.stopped_by, Closing)
+    assert worker.cancelled_at_stop is True
+
+
+async def test_cancelled_turns_true_in_a_worker_once_the_consumer_has_gone() -> None:
+    # A worker between emits (long computation) learns it can stop by polling.
+    seen: list[bool] = []
+    done = threading.Event()
+
+    def worker(emit: Emit) -> str:
+        try:
+            emit(0)
+            seen.append(tsfn.cancelled())
+            while not tsfn.cancelled():
+                time.sleep(0.001)  # simulated work between polls; any length is correct
+            seen.append(tsfn.cancelled())
+            with pytest.raises(Closing):
+                emit(1)
+            return "stopped"
+        finally:
+            done.set()
+
+    async with tsfn.stream(worker) as items:
+        async for _ in items:
+            break
+    assert done.is_set()
+    assert seen[-1] is True
+    assert tsfn.cancelled() is False  # the flag belongs to the worker only
+
+
+# -- latest=True (AsyncProgressWorker) ------------------------------------------------
+
+
+async def test_P3_latest_emit_never_blocks_even_if_the_consumer_never_reads() -> None:
+    n = 100_000
+    finished = asyncio.Event()
+    signal_finished = set_from_worker(finished)
+
+    def worker(emit: Emit) -> int:
+        for i in range(n):
+            emit(i)
+        signal_finished()
+        return n
+
+    async with tsfn.stream(worker, latest=True) as items:
+        await finished.wait()  # the worker ran to the end without a single read
+        got = [item async for item in items]
+    # Nothing was read before the end, so the newest item is the only one.
+    assert got == [n - 1]
+    assert items.result == n
+
+
+async def test_latest_delivers_the_newest_item_since_the_last_read() -> None:
+    phase = asyncio.Event()
+    signal_phase = set_from_worker(phase)
+    go_on = threading.Event()
+
+    def worker(emit: Emit) -> None:
+        for i in range(10):
+            emit(i)
+        signal_phase()
+        go_on.wait()
+        for i in range(10, 20):
+            emit(i)
+        signal_phase()
+
+    got: list[int] = []
+    async with tsfn.stream(worker, latest=True) as items:
+        await phase.wait()
+        got.append(await items.__anext__())
+        phase.clear()
+        go_on.set()
+        await phase.wait()
+        got.extend([item async for item in items])
+    assert got == [9, 19]
+
+
+@pytest.mark.usefixtures("tiny_switch_interval")
+async def test_latest_is_a_strictly_increasing_subsequence_ending_with_the_last_item() -> None:
+    for n in (1, 2, 500, 5000):
+
+        def worker(emit: Emit, n: int = n) -> None:
+            for i in range(n):
+                emit(i)
+
+        async with tsfn.stream(worker, latest=True) as items:
+            got = [item async for item in items]
+        assert got, n
+        assert all(a < b for a, b in itertools.pairwise(got)), n
+        assert got[-1] == n - 1
+        assert set(got) <= set(range(n))
+
+
+async def test_latest_delivers_the_last_item_before_an_exception() -> None:
+    raised = asyncio.Event()
+    signal_raised = set_from_worker(raised)
+
+    def worker(emit: Emit) -> None:
+        for i in range(10):
+            emit(i)
+        signal_raised()
+        raise WorkerError("after ten")
+
+    got: list[int] = []
+
+    async def consume() -> None:
+        async with tsfn.stream(worker, latest=True) as items:
+            await raised.wait()
+            async for item in items:
+                got.append(item)
+
+    with pytest.raises(WorkerError):
+        await consume()
+    assert got == [9]

@@ -1,0 +1,441 @@
+"""AsyncWork: Node-API's napi_async_work (create / queue / cancel) on asyncio.
+
+Node's own cases are ported where they apply: AW2 (a work completes with its result),
+AW3 and addon-api W1 (a work queued behind a full pool is cancelled: complete gets
+`napi_cancelled`, execute never runs), W2 (cancelling a work that has started fails).
+A full pool is made on purpose: every test that needs a work to stay queued gives it
+an executor with one worker and parks that worker on a `threading.Event`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import tsfn
+from tsfn import AsyncWork, Status
+
+pytestmark = pytest.mark.timeout(20)
+
+Completion = tuple[Status, object, int]  # (status, data, thread ident) seen by complete
+
+
+def set_from_worker(event: asyncio.Event) -> Callable[[], None]:
+    """A function a worker thread calls to set `event` on the loop (the only safe way)."""
+    loop = asyncio.get_running_loop()
+
+    def signal() -> None:
+        loop.call_soon_threadsafe(event.set)
+
+    return signal
+
+
+class RecordingComplete:
+    """A `complete` callback that records what it got and lets the test await it."""
+
+    def __init__(self) -> None:
+        self.calls: list[Completion] = []
+        self.done = asyncio.Event()
+
+    def __call__(self, status: Status, data: object) -> None:
+        self.calls.append((status, data, threading.get_ident()))
+        self.done.set()
+
+
+class ParkedPool:
+    """An executor whose only worker is kept busy until `unpark()`, so work stays queued.
+
+    With kind "default" the pool becomes the loop's default executor and the work is
+    created without an executor (the path that goes through `run_in_executor`); with
+    "explicit" the pool is passed in (the path that owns the executor's future).
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"parked-{kind}"
+        )
+        if kind == "default":
+            asyncio.get_running_loop().set_default_executor(self.pool)
+        self.for_work: concurrent.futures.Executor | None = None if kind == "default" else self.pool
+        self._gate = threading.Event()
+        self._parked = threading.Event()
+        self.pool.submit(self._park)
+        # The worker is taken once the blocker runs; only then is later work "queued".
+        assert self._parked.wait(timeout=5)
+
+    def _park(self) -> None:
+        self._parked.set()
+        self._gate.wait()
+
+    def unpark(self) -> None:
+        self._gate.set()
+
+    def close(self) -> None:
+        self.unpark()
+        self.pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def parked_pool(kind: str) -> Iterator[ParkedPool]:
+    parked = ParkedPool(kind)
+    try:
+        yield parked
+    finally:
+        parked.close()
+
+
+executor_kinds = pytest.mark.parametrize("kind", ["default", "explicit"])
+
+
+# -- the basic contract --------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_AW2_execute_on_a_worker_complete_on_the_loop_thread() -> None:
+    loop_thread = threading.get_ident()
+    execute_threads: list[int] = []
+    data = {"input": 5}
+
+    def execute(d: dict[str, int]) -> int:
+        execute_threads.append(threading.get_ident())
+        return d["input"] * 2
+
+    complete = RecordingComplete()
+    work = AsyncWork(execute, complete, data=data, name="double")
+    assert work.queue() is work
+    assert await work == 10
+    assert execute_threads != [loop_thread]
+    assert len(execute_threads) == 1
+    # complete ran before the awaiter woke, on the loop thread, with the same data object.
+    assert complete.calls == [(Status.OK, data, loop_thread)]
+    assert complete.calls[0][1] is data
+    assert work.status is Status.OK
+
+
+@pytest.mark.anyio
+async def test_awaiting_a_work_that_was_never_queued_queues_it() -> None:
+    work = AsyncWork(lambda d: d + 1, data=41)
+    assert await work == 42
+    # It was queued by the await, so queueing it again is the usual error.
+    with pytest.raises(RuntimeError, match="already queued"):
+        work.queue()
+
+
+@pytest.mark.anyio
+async def test_queue_twice_raises_runtime_error() -> None:
+    work = AsyncWork(lambda d: d, data="x")
+    work.queue()
+    with pytest.raises(RuntimeError):
+        work.queue()
+    assert await work == "x"
+
+
+@pytest.mark.anyio
+async def test_execute_exception_is_raised_by_await_and_complete_gets_error() -> None:
+    boom = ValueError("execute failed")
+
+    def execute(_: object) -> None:
+        raise boom
+
+    complete = RecordingComplete()
+    work = AsyncWork(execute, complete, data="d")
+    with pytest.raises(ValueError, match="execute failed") as caught:
+        await work
+    assert caught.value is boom
+    assert [(s, d) for s, d, _ in complete.calls] == [(Status.ERROR, "d")]
+    assert work.status is Status.ERROR
+
+
+@pytest.mark.anyio
+async def test_complete_may_be_omitted() -> None:
+    # Node allows a NULL complete: completion then does nothing.
+    assert await AsyncWork(lambda d: d * 3, data=3) == 9
+
+
+# -- cancel() before start, while running, after done ----------------------------------
+
+
+@executor_kinds
+@pytest.mark.anyio
+async def test_AW3_cancel_before_start_never_runs_and_completes_cancelled(kind: str) -> None:
+    ran: list[object] = []
+    complete = RecordingComplete()
+    with parked_pool(kind) as parked:
+        work = AsyncWork(ran.append, complete, data="payload", executor=parked.for_work)
+        work.queue()
+        assert work.cancel() is True
+        # A second cancel finds nothing to cancel (Node: napi_generic_failure).
+        assert work.cancel() is False
+        # Like Node, complete comes later from the loop, never inside cancel().
+        assert complete.calls == []
+        await complete.done.wait()
+        with pytest.raises(asyncio.CancelledError):
+            await work
+        # Let the pool's worker reach the cancelled job: it must skip it.
+        parked.unpark()
+    assert ran == []
+    assert [(s, d) for s, d, _ in complete.calls] == [(Status.CANCELLED, "payload")]
+    assert complete.calls[0][2] == threading.get_ident()
+    assert work.status is Status.CANCELLED
+
+
+@executor_kinds
+@pytest.mark.anyio
+async def test_W2_cancel_while_running_returns_false_and_the_work_finishes(kind: str) -> None:
+    started = asyncio.Event()
+    finish = threading.Event()
+    signal_started = set_from_worker(started)
+
+    def execute(d: int) -> int:
+        signal_started()
+        finish.wait()
+        return d + 1
+
+    complete = RecordingComplete()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    if kind == "default":
+        asyncio.get_running_loop().set_default_executor(pool)
+    try:
+        work = AsyncWork(execute, complete, data=1, executor=pool if kind == "explicit" else None)
+        work.queue()
+        await started.wait()
+        assert work.cancel() is False  # Node: napi_generic_failure
+        finish.set()
+        assert await work == 2
+    finally:
+        finish.set()
+        pool.shutdown(wait=True)
+    assert [(s, d) for s, d, _ in complete.calls] == [(Status.OK, 1)]
+
+
+@pytest.mark.anyio
+async def test_cancel_after_done_returns_false() -> None:
+    complete = RecordingComplete()
+    work = AsyncWork(lambda d: d, complete, data=7)
+    assert await work == 7
+    assert work.cancel() is False
+    assert await work == 7  # still the result; nothing changed
+    assert len(complete.calls) == 1
+
+
+@pytest.mark.anyio
+async def test_cancel_before_queue_returns_false() -> None:
+    work = AsyncWork(lambda d: d, data=7)
+    assert work.cancel() is False
+    assert await work == 7
+
+
+# -- executors ---------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_the_loops_default_executor_is_honoured() -> None:
+    with concurrent.futures.ThreadPoolExecutor(thread_name_prefix="my-default") as pool:
+        asyncio.get_running_loop().set_default_executor(pool)
+        name = await AsyncWork(lambda _: threading.current_thread().name)
+    assert name.startswith("my-default")
+
+
+@pytest.mark.anyio
+async def test_an_explicit_executor_is_used_instead_of_the_default() -> None:
+    with (
+        concurrent.futures.ThreadPoolExecutor(thread_name_prefix="my-default") as default,
+        concurrent.futures.ThreadPoolExecutor(thread_name_prefix="explicit") as explicit,
+    ):
+        asyncio.get_running_loop().set_default_executor(default)
+        name = await AsyncWork(lambda _: threading.current_thread().name, executor=explicit)
+    assert name.startswith("explicit")
+
+
+def _execute_in_child(data: int) -> tuple[int, bool, int]:
+    # Module level, so a process pool can pickle it by reference.
+    return os.getpid(), tsfn.cancelled(), data * 2
+
+
+@pytest.mark.anyio
+async def test_a_process_pool_runs_picklable_work_in_another_process() -> None:
+    complete = RecordingComplete()
+    # spawn: forking a multi-threaded test process is unsafe (and warns on 3.12+).
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        work = AsyncWork(_execute_in_child, complete, data=21, executor=pool)
+        pid, was_cancelled, doubled = await work
+    assert pid != os.getpid()
+    assert was_cancelled is False
+    assert doubled == 42
+    assert [(s, d, t) for s, d, t in complete.calls] == [(Status.OK, 21, threading.get_ident())]
+
+
+# -- cancelling the awaiting task ------------------------------------------------------
+
+
+@executor_kinds
+@pytest.mark.anyio
+async def test_cancelling_the_awaiting_task_cancels_a_work_not_yet_started(kind: str) -> None:
+    ran: list[object] = []
+    complete = RecordingComplete()
+    awaiting = asyncio.Event()
+    with parked_pool(kind) as parked:
+        work = AsyncWork(ran.append, complete, data="d", executor=parked.for_work)
+
+        async def waiter() -> None:
+            awaiting.set()  # no suspension between this and the await below
+            await work
+
+        task = asyncio.ensure_future(waiter())
+        await awaiting.wait()  # the task now sits in `await work`
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await complete.done.wait()
+        parked.unpark()
+    assert ran == []
+    assert [(s, d) for s, d, _ in complete.calls] == [(Status.CANCELLED, "d")]
+    assert work.status is Status.CANCELLED
+
+
+@executor_kinds
+@pytest.mark.anyio
+async def test_a_started_work_sees_cancelled_once_its_awaiting_task_is_cancelled(
+    kind: str,
+) -> None:
+    started = asyncio.Event()
+    signal_started = set_from_worker(started)
+    seen_before: list[bool] = []
+
+    def execute(_: object) -> str:
+        seen_before.append(tsfn.cancelled())
+        signal_started()
+        while not tsfn.cancelled():
+            time.sleep(0.001)  # simulated work between polls; any length is correct
+        return "stopped early"
+
+    complete = RecordingComplete()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    if kind == "default":
+        asyncio.get_running_loop().set_default_executor(pool)
+    try:
+        work = AsyncWork(execute, complete, executor=pool if kind == "explicit" else None)
+        task = asyncio.ensure_future(_await(work))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The work was running, so it is not cancelled: it stops on its own and
+        # completes normally.
+        await complete.done.wait()
+    finally:
+        pool.shutdown(wait=True)
+    assert seen_before == [False]
+    assert [s for s, _, _ in complete.calls] == [Status.OK]
+    assert await work == "stopped early"
+
+
+async def _await(work: AsyncWork[Any, Any]) -> Any:
+    return await work
+
+
+@pytest.mark.anyio
+async def test_cancelled_is_false_outside_workers() -> None:
+    assert tsfn.cancelled() is False  # on the loop thread
+
+    seen: list[bool] = []
+    thread = threading.Thread(target=lambda: seen.append(tsfn.cancelled()))
+    thread.start()
+    thread.join()
+    assert seen == [False]
+
+    loop = asyncio.get_running_loop()
+    assert await loop.run_in_executor(None, tsfn.cancelled) is False
+
+
+@pytest.mark.anyio
+async def test_a_pool_thread_forgets_the_cancelled_flag_after_the_work() -> None:
+    # A flag set for one work must not leak into the next job on the same thread.
+    started = asyncio.Event()
+    signal_started = set_from_worker(started)
+
+    def execute(_: object) -> None:
+        signal_started()
+        while not tsfn.cancelled():
+            time.sleep(0.001)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        complete = RecordingComplete()
+        task = asyncio.ensure_future(_await(AsyncWork(execute, complete, executor=pool)))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await complete.done.wait()
+        assert await asyncio.wrap_future(pool.submit(tsfn.cancelled)) is False
+        assert await AsyncWork(lambda _: tsfn.cancelled(), executor=pool) is False
+
+
+# -- errors in complete --------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_an_exception_in_complete_goes_to_the_loops_exception_handler() -> None:
+    loop = asyncio.get_running_loop()
+    contexts: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: contexts.append(context))
+    boom = RuntimeError("complete failed")
+
+    def complete(status: Status, data: object) -> None:
+        raise boom
+
+    try:
+        work = AsyncWork(lambda d: d, complete, data="result", name="failing-complete")
+        # The awaiter still gets execute's result: complete's failure is the loop's.
+        assert await work == "result"
+    finally:
+        loop.set_exception_handler(previous)
+    assert len(contexts) == 1
+    assert contexts[0]["exception"] is boom
+    assert "failing-complete" in contexts[0]["message"]
+
+
+@executor_kinds
+@pytest.mark.anyio
+async def test_cancel_racing_the_start_either_cancels_or_runs_never_both(
+    kind: str, tiny_switch_interval: None
+) -> None:
+    # cancel() and a worker picking the job up race; whichever wins, the outcome is
+    # consistent: True means execute never ran and complete got CANCELLED, False
+    # means it ran and complete got OK. complete runs exactly once either way.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    if kind == "default":
+        asyncio.get_running_loop().set_default_executor(pool)
+    try:
+        ran: set[int] = set()
+        completions: dict[int, list[Status]] = {i: [] for i in range(200)}
+        works = []
+        for i in range(200):
+            work = AsyncWork(
+                ran.add,
+                lambda status, d: completions[d].append(status),
+                data=i,
+                executor=pool if kind == "explicit" else None,
+            )
+            work.queue()
+            works.append((work, work.cancel()))
+        for work, _ in works:
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+    finally:
+        pool.shutdown(wait=True)
+    for i, (_work, was_cancelled) in enumerate(works):
+        expected = Status.CANCELLED if was_cancelled else Status.OK
+        assert completions[i] == [expected]
+        assert (i in ran) is not was_cancelled
