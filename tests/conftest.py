@@ -12,10 +12,12 @@ import asyncio
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import Any
 
 import pytest
 
+uvloop: ModuleType | None
 try:
     import uvloop
 except ImportError:  # pragma: no cover - uvloop is not available on Windows
@@ -36,7 +38,8 @@ def loop_factory(request: pytest.FixtureRequest) -> Callable[[], asyncio.Abstrac
     """A factory for a new event loop of each supported kind."""
     if request.param == "uvloop":
         assert uvloop is not None
-        return uvloop.new_event_loop  # type: ignore[no-any-return]
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+        return factory
     return asyncio.new_event_loop
 
 
