@@ -153,7 +153,7 @@ class ThreadsafeFunction(Generic[T]):
             else functools.partial(call_js, self._loop, callback, context)
         )
         self._call_soon_threadsafe = self._port.call_soon_threadsafe
-        self._loop_is_closed = self._port.is_closed
+        self._loop_is_closed = self._loop.is_closed  # on the hot path: no indirection
 
         # Shared with producer threads (see "Locking" above).
         self._queue: deque[T] = deque()  # producers append, only the loop pops
@@ -196,6 +196,8 @@ class ThreadsafeFunction(Generic[T]):
         if self._bounded:
             self._put_bounded(data, block, timeout)
         else:
+            if self._closing:  # refused without marking: see _wait_for_inflight
+                raise self._closing_error()
             inflight = self._inflight
             inflight.append(None)
             try:
@@ -512,7 +514,9 @@ class ThreadsafeFunction(Generic[T]):
 
     def _wait_for_inflight(self) -> None:
         # An unbounded call that saw `closing` unset may still be about to append; it
-        # holds no lock and runs no user code, so this wait is a few instructions.
+        # holds no lock and runs no user code, so this wait is a few instructions. Calls
+        # made after `closing` was set are refused before they mark themselves, so
+        # producers that keep calling cannot keep this wait going.
         while self._inflight:
             time.sleep(0)  # let it have the GIL
 

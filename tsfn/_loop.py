@@ -18,7 +18,7 @@ import contextlib
 import threading
 import warnings
 import weakref
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, ClassVar, Protocol
 
 __all__ = ["LoopPort", "Shutdownable"]
@@ -33,18 +33,18 @@ class Shutdownable(Protocol):
 class LoopPort:
     """One per event loop: scheduling, thread checks, error reports, shutdown, liveness."""
 
-    # One port per loop. Weak keys, so a port never keeps a finished loop alive.
-    _ports: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopPort]] = (
-        weakref.WeakKeyDictionary()
-    )
+    # One port per loop, found by the loop's id (checked against the port's loop).
+    # The table holds ports weakly and a port holds its loop weakly, so neither keeps
+    # a finished loop alive: a port's shutdown sentinel refers to the loop (through
+    # its asyncgen finalizer hook), so a strong table would keep every loop forever.
+    # A port with members must live on regardless (its shutdown hook has work to
+    # do), so `_busy` holds those.
+    _ports: ClassVar[weakref.WeakValueDictionary[int, LoopPort]] = weakref.WeakValueDictionary()
+    _busy: ClassVar[set[LoopPort]] = set()
     _ports_lock = threading.Lock()
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        # Bound methods, looked up once: `call_soon_threadsafe` is on the hot path.
-        self.call_soon_threadsafe = loop.call_soon_threadsafe
-        self.call_soon = loop.call_soon
-        self.is_closed = loop.is_closed
+        self._loop = weakref.ref(loop)
         # Guards `_members`, `_referenced`, `_shut_down`: functions and works register
         # from any thread.
         self._lock = threading.Lock()
@@ -58,12 +58,11 @@ class LoopPort:
     def of(cls, loop: asyncio.AbstractEventLoop) -> LoopPort:
         """The port of `loop`, created (and its shutdown hook armed) on first use."""
         with cls._ports_lock:
-            port = cls._ports.get(loop)
-            if port is None:
-                port = cls._ports[loop] = cls(loop)
-                new = True
-            else:
-                new = False
+            port = cls._ports.get(id(loop))
+            new = port is None or port._loop() is not loop
+            if new:
+                port = cls._ports[id(loop)] = cls(loop)
+        assert port is not None
         if new and not loop.is_closed():
             if port.on_loop_thread():
                 port._arm_shutdown_hook()
@@ -71,6 +70,19 @@ class LoopPort:
                 # The hook must be armed on the loop thread while the loop runs.
                 loop.call_soon_threadsafe(port._arm_shutdown_hook)
         return port
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop()
+        # Whoever asks holds the loop (a function, a work, a running coroutine).
+        assert loop is not None, "the port outlived its loop"
+        return loop
+
+    def call_soon_threadsafe(self, callback: Callable[..., object], *args: Any) -> None:
+        self.loop.call_soon_threadsafe(callback, *args)
+
+    def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
+        self.loop.call_soon(callback, *args)
 
     def on_loop_thread(self) -> bool:
         """True when the calling thread is the one running this loop."""
@@ -109,6 +121,8 @@ class LoopPort:
             shut_down = self._shut_down
             if not shut_down:
                 self._members.add(member)
+                with self._ports_lock:
+                    self._busy.add(self)
         if shut_down:
             # Created after shutdown began (e.g. from an executor thread being joined):
             # close it as soon as possible rather than leave it open forever.
@@ -117,6 +131,9 @@ class LoopPort:
     def unregister(self, member: Shutdownable) -> None:
         with self._lock:
             self._members.discard(member)
+            if not self._members:
+                with self._ports_lock:
+                    self._busy.discard(self)
 
     def shutdown(self) -> None:
         """Shut every registered member down. Loop thread only; called by the sentinel."""
@@ -124,6 +141,8 @@ class LoopPort:
             self._shut_down = True
             members = list(self._members)
             self._members.clear()
+            with self._ports_lock:
+                self._busy.discard(self)
         for member in members:
             member._shutdown()
         self._wake_idle_waiters()

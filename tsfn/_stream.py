@@ -220,6 +220,11 @@ class Stream(Generic[Y, R]):
             # The consumer leaves early: the worker's next emit raises Closing.
             self._flag.set()
             self._fn.abort()
+        if isinstance(exc, GeneratorExit):
+            # The consuming coroutine is being closed, not run (its loop was closed
+            # under it): it cannot await. The worker was told to stop; it is not
+            # waited for.
+            return
         cancelled = await _join(self._worker)
         await _join(asyncio.ensure_future(self._fn.wait_closed()))
         if cancelled and exc is None:

@@ -142,16 +142,18 @@ class AsyncWork(Generic[D, R]):
             raise RuntimeError(
                 f"{self!r}: queue() must be called on a running event loop"
             ) from None
-        self._port = LoopPort.of(loop)
-        self._result = loop.create_future()
         job = functools.partial(
             run_with_flag, self._flag, functools.partial(self._execute, self._data)
         )
+        # Submit first: if the executor refuses (it was shut down), the work stays
+        # unqueued and the error goes to the caller; nothing waits on it.
         if self._executor is None:
             done: asyncio.Future[R] = loop.run_in_executor(None, _gated, self._gate, job)
         else:
             self._executor_future = self._executor.submit(job)
             done = asyncio.wrap_future(self._executor_future, loop=loop)
+        self._port = LoopPort.of(loop)
+        self._result = loop.create_future()
         done.add_done_callback(self._on_done)
         self._port.hold()
         self._port.register(self)
