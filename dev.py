@@ -66,9 +66,9 @@ def main() -> None:
     )
     parser.add_argument("command", choices=["demo", "test", "bench", "soak", "docs"])
     parser.add_argument("--python", default=sys.executable, help="interpreter for the venv")
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help="arguments after --")
-    args = parser.parse_args()
-    rest = [a for a in args.rest if a != "--"]
+    # Everything after `--` (or not ours) goes to pytest or the benchmark runner.
+    args, rest = parser.parse_known_args()
+    rest = [a for a in rest if a != "--"]
     try:
         if args.command == "demo":
             # The demo needs only the standard library: run it from the source tree.
