@@ -52,7 +52,11 @@ def _test(python: Path, pytest_args: list[str]) -> None:
     _run(python, "-m", "ruff", "format", "--check", ".")
     _run(python, "-m", "mypy")
     os.environ.setdefault("NO_MKDOCS_2_WARNING", "1")  # mkdocs-material's banner
-    if (ROOT / "mkdocs.yml").exists():
+    if python.parent.parent.name == ".venv-3.10":
+        # The docs do not depend on the interpreter, and the last mkdocstrings and
+        # pymdown-extensions releases pip picks for 3.10 do not work together.
+        print("docs: built on Python 3.11+ only", flush=True)
+    else:
         _run(python, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", ROOT / "site")
     # Development mode (-X dev: resource warnings, debug hooks) and asyncio's debug
     # mode (thread checks in call_soon, slow-callback logs) catch misuse early.
