@@ -266,9 +266,10 @@ def _run_until_interrupted(loop: asyncio.AbstractEventLoop, exc_type: type[BaseE
         guard.cancel()
 
 
+@pytest.mark.parametrize("max_queue_size", [0, 8], ids=["unbounded", "bounded"])
 @pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
 def test_interrupt_in_callback_propagates_and_the_next_run_delivers_the_rest(
-    loop_factory: LoopFactory, exc_type: type[BaseException]
+    loop_factory: LoopFactory, exc_type: type[BaseException], max_queue_size: int
 ) -> None:
     attempted: list[int] = []
     delivered: list[int] = []
@@ -280,22 +281,38 @@ def test_interrupt_in_callback_propagates_and_the_next_run_delivers_the_rest(
             raise exc_type
         delivered.append(item)
 
+    async def drained(fn: tsfn.ThreadsafeFunction[int]) -> None:
+        while fn.qsize():  # noqa: ASYNC110 - the loop itself empties the queue
+            await asyncio.sleep(0)
+
     loop = loop_factory()
     try:
-        fn = tsfn.ThreadsafeFunction(
-            callback, loop=loop, finalizer=lambda _: finalized.append(len(attempted))
+        fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+            callback,
+            loop=loop,
+            max_queue_size=max_queue_size,
+            finalizer=lambda _: finalized.append(len(attempted)),
         )
         for item in range(8):
             fn.call(item)  # the loop is not running: everything waits in the queue
-        fn.release()
         _run_until_interrupted(loop, exc_type)
+        loop.run_until_complete(drained(fn))  # the next run goes on after item 3
+        assert attempted == list(range(8))  # nothing twice, nothing skipped
+        if max_queue_size:
+            # The slots of the items the interrupted batch handed back were counted
+            # once: the queue takes exactly max_queue_size items again.
+            for item in range(8, 8 + max_queue_size):
+                fn.call_nowait(item)
+            with pytest.raises(tsfn.QueueFull):
+                fn.call_nowait(99)
+        fn.release()
         loop.run_until_complete(fn.wait_closed())
     finally:
         loop.close()
 
-    assert attempted == list(range(8))  # nothing twice, nothing skipped
-    assert delivered == [0, 1, 2, 4, 5, 6, 7]
-    assert finalized == [8]
+    expected = [i for i in range(8 + max_queue_size) if i != 3]
+    assert delivered == expected
+    assert finalized == [len(expected) + 1]
     assert fn.qsize() == 0
 
 

@@ -71,7 +71,8 @@ def _runner_run(main: Main, loop_factory: LoopFactory) -> None:
             tasks = asyncio.all_tasks(loop)
             for task in tasks:
                 task.cancel()
-            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            if tasks:  # gather() of nothing would make a future on another loop
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:
@@ -600,6 +601,70 @@ def test_call_whose_wake_up_meets_a_closed_loop_does_not_disown_a_discarded_item
     join_all(gated)
     assert handed_over == [("discarded", "item"), None]
     assert outcome == ["accepted"]
+
+
+# -- a function created from another thread as its loop closes -------------------------
+
+
+def test_function_created_as_its_loop_closes_raises_no_runtime_error(
+    loop_factory: LoopFactory,
+) -> None:
+    """A thread creates a function for a loop that is being shut down and closed.
+
+    It may be refused (ValueError: the loop is closed) or made already closing; it
+    must not see RuntimeError. Random interleavings hit this a few times in a
+    million creations; here the creating thread is held right after it has checked
+    that the loop is open, while the loop shuts down and closes.
+    """
+    probe = loop_factory()
+    base = type(probe)
+    probe.close()
+    entered = threading.Event()
+    resume = threading.Event()
+    gated: list[threading.Thread] = []
+
+    class PausingLoop(base):  # type: ignore[valid-type, misc]
+        """Holds the gated thread after its first look at is_closed()."""
+
+        def is_closed(self) -> bool:
+            closed: bool = super().is_closed()
+            if threading.current_thread() in gated and not entered.is_set():
+                entered.set()
+                resume.wait(JOIN)
+            return closed
+
+    outcome: list[object] = []
+
+    def create() -> None:
+        try:
+            outcome.append(tsfn.ThreadsafeFunction(lambda _: None, loop=loop))
+        except Exception as exc:
+            outcome.append(exc)
+
+    async def first() -> tsfn.ThreadsafeFunction[None]:
+        return tsfn.ThreadsafeFunction(lambda _: None)  # it keeps the loop's port alive
+
+    loop = PausingLoop()
+    try:
+        keep = loop.run_until_complete(first())
+        gated.append(threading.Thread(target=create))
+        gated[0].start()
+        assert entered.wait(JOIN)
+        loop.run_until_complete(loop.shutdown_asyncgens())  # the shutdown hook runs
+    finally:
+        loop.close()
+    resume.set()
+    join_all(gated)
+
+    assert keep.closed
+    [made] = outcome
+    assert not isinstance(made, RuntimeError), repr(made)
+    if isinstance(made, tsfn.ThreadsafeFunction):
+        assert made.closing
+        with pytest.raises(tsfn.Closing):
+            made.call(None)
+    else:
+        assert isinstance(made, (ValueError, tsfn.Closing)), repr(made)
 
 
 # -- calls racing a bare loop.close() --------------------------------------------------------

@@ -158,6 +158,36 @@ def test_loop_a_function_ran_on_is_freed_after_it_closes(loop_factory: LoopFacto
     assert _dead(refs[0]), "the loop is still alive after tsfn.run returned"
 
 
+async def _open_function_with_an_item() -> tsfn.ThreadsafeFunction[int]:
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
+    fn.call(1)  # still queued when the loop is closed under it
+    return fn
+
+
+@pytest.mark.timeout(20)
+def test_functions_on_loops_closed_directly_do_not_pile_up(loop_factory: LoopFactory) -> None:
+    """A bare loop.close() strands what was queued (API.md), but must not also keep
+    every such function, its loop and its items alive for the rest of the process."""
+    refs: list[weakref.ref[Any]] = []
+    for _ in range(20):
+        loop = loop_factory()
+        fn = loop.run_until_complete(_open_function_with_an_item())
+        loop.close()
+        refs += [weakref.ref(fn), weakref.ref(loop)]
+        del fn, loop
+
+    async def use_tsfn_normally() -> None:
+        fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
+        fn.release()
+        await fn.wait_closed()
+
+    # Then the program goes on using tsfn (which may be when it notices the closed loops).
+    tsfn.run(use_tsfn_normally(), loop_factory=loop_factory)
+    gc.collect()
+    alive = sum(ref() is not None for ref in refs)
+    assert alive == 0, f"{alive} of {len(refs)} functions and loops are still alive"
+
+
 # -- soak: millions of items, flat memory ------------------------------------------------
 
 

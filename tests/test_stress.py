@@ -23,7 +23,7 @@ import tsfn
 pytestmark = pytest.mark.timeout(600)  # the soak variant; the normal one takes seconds
 
 THREADS = 64
-ITEMS = 300  # per thread in the normal run; the soak run uses 20,000
+ITEMS = 1000  # per thread in the normal run; the soak run uses 20,000
 JOIN = 60.0  # a thread not done after this long is hung, not slow
 
 

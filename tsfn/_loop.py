@@ -58,6 +58,9 @@ class LoopPort:
     def of(cls, loop: asyncio.AbstractEventLoop) -> LoopPort:
         """The port of `loop`, created (and its shutdown hook armed) on first use."""
         with cls._ports_lock:
+            # Loops closed directly (loop.close()) never shut their members down, so
+            # their ports would stay busy forever: let them go now.
+            cls._busy = {p for p in cls._busy if not p._loop_gone()}
             port = cls._ports.get(id(loop))
             new = port is None or port._loop() is not loop
             if new:
@@ -67,9 +70,15 @@ class LoopPort:
             if port.on_loop_thread():
                 port._arm_shutdown_hook()
             else:
-                # The hook must be armed on the loop thread while the loop runs.
-                loop.call_soon_threadsafe(port._arm_shutdown_hook)
+                # The hook must be armed on the loop thread while the loop runs; if
+                # the loop closes first, there is nothing to arm.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(port._arm_shutdown_hook)
         return port
+
+    def _loop_gone(self) -> bool:
+        loop = self._loop()
+        return loop is None or loop.is_closed()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -125,8 +134,10 @@ class LoopPort:
                     self._busy.add(self)
         if shut_down:
             # Created after shutdown began (e.g. from an executor thread being joined):
-            # close it as soon as possible rather than leave it open forever.
-            self.call_soon_threadsafe(member._shutdown)
+            # close it as soon as possible rather than leave it open forever. If the
+            # loop is already closed, its own closed-loop checks refuse every call.
+            with contextlib.suppress(RuntimeError):
+                self.call_soon_threadsafe(member._shutdown)
 
     def unregister(self, member: Shutdownable) -> None:
         with self._lock:
