@@ -409,8 +409,13 @@ def test_submitters_get_a_result_or_a_cancelled_future_never_a_pending_one(
             return 2 * item
 
         def callback(item: int) -> object:
-            # Every third result is awaitable, so some are still running at shutdown.
-            return doubled_later(item) if item % 3 == 0 else 2 * item
+            # Every third result is awaitable, so some are still running at shutdown;
+            # not with a bare loop.close(), which strands such tasks (nothing can run
+            # them any more), and Python then warns of never-awaited coroutines
+            # whenever they happen to be collected, in whichever test runs by then.
+            if item % 3 == 0 and ending != "loop.close":
+                return doubled_later(item)
+            return 2 * item
 
         fn = tsfn.ThreadsafeFunction(
             callback,
