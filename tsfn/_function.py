@@ -17,8 +17,8 @@ Condition for callers waiting for room); counts and flags change under it too. A
 unbounded queue needs no lock to append, and this is the hot path, so it takes none:
 a lock that every producer takes convoys under the GIL (threads park on it while its
 holder waits for the GIL: measured 3x slower with 4 producers; see benchmarks/). The
-lock-free path relies on three single-operation, hence atomic, calls: `deque.append`
-/ `deque.popleft` (the queue), and `list.append` / `list.pop` (the wake token and the
+lock-free path relies on single-operation, hence atomic, calls: `deque.append` /
+`deque.popleft` (the queue), and `list.append` / `list.pop` (the wake token and the
 in-flight markers). Each is one C call: atomic under the GIL, and in free-threaded
 CPython each runs inside its object's own critical section (PEP 703), so they stay
 atomic there; two such sections on one object are totally ordered, which is what the
