@@ -21,17 +21,17 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+from _loops import asyncio_run
 
 import tsfn
 from tsfn._loop import LoopPort
 
 pytestmark = pytest.mark.timeout(20)
 
-R = TypeVar("R")
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 # Generous: a correct test never waits this long, a broken one fails instead of hanging.
@@ -104,30 +104,6 @@ def idle_loop(loop_factory: LoopFactory) -> Iterator[asyncio.AbstractEventLoop]:
         if not loop.is_closed():
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
-
-
-def asyncio_run(main: Coroutine[Any, Any, R], loop_factory: LoopFactory) -> R:
-    """`asyncio.run(main, loop_factory=...)` on every Python tsfn supports."""
-    if sys.version_info >= (3, 12):
-        return asyncio.run(main, loop_factory=loop_factory)
-    if sys.version_info >= (3, 11):
-        # What asyncio.run itself does on 3.11, which has no loop_factory argument.
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            return runner.run(main)
-    # Python 3.10: asyncio.run's own steps, with our loop.
-    loop = loop_factory()  # pragma: no cover - 3.10 only
-    try:  # pragma: no cover - 3.10 only
-        asyncio.set_event_loop(loop)
-        return loop.run_until_complete(main)
-    finally:  # pragma: no cover - 3.10 only
-        tasks = asyncio.all_tasks(loop)
-        for task in tasks:
-            task.cancel()
-        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.run_until_complete(loop.shutdown_default_executor())
-        asyncio.set_event_loop(None)
-        loop.close()
 
 
 def wake_up_spy(monkeypatch: pytest.MonkeyPatch) -> list[Callable[..., object]]:

@@ -33,6 +33,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
+from _loops import asyncio_run
 
 import tsfn
 
@@ -62,21 +63,8 @@ def _runner_run(main: Main, loop_factory: LoopFactory) -> None:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(main())
         return
-    # Python 3.10 has no asyncio.Runner: the steps its close() takes, by hand.
-    loop = loop_factory()  # pragma: no cover - 3.10 only
-    try:  # pragma: no cover - 3.10 only
-        loop.run_until_complete(main())
-    finally:  # pragma: no cover - 3.10 only
-        try:
-            tasks = asyncio.all_tasks(loop)
-            for task in tasks:
-                task.cancel()
-            if tasks:  # gather() of nothing would make a future on another loop
-                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.run_until_complete(loop.shutdown_default_executor())
-        finally:
-            loop.close()
+    # Python 3.10 has no asyncio.Runner: the same steps, by hand.
+    asyncio_run(main(), loop_factory)  # pragma: no cover - 3.10 only
 
 
 def _asyncio_run(main: Main, loop_factory: LoopFactory) -> None:
