@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib.util
-import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from benchmarks._peers import Bridge, Send
+from tsfn._asyncio import asyncio_run
 
 __all__ = [
     "Failed",
@@ -59,19 +59,7 @@ def run_on(kind: str, main: Callable[[], Awaitable[T]]) -> T:
     async def wrapped() -> T:
         return await main()
 
-    if sys.version_info >= (3, 11):
-        with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(wrapped())
-    # Python 3.10 has no loop_factory: choose the loop through a policy instead.
-    policy = asyncio.get_event_loop_policy()
-    if kind == "uvloop":
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    try:
-        return asyncio.run(wrapped())
-    finally:
-        asyncio.set_event_loop_policy(policy)
+    return asyncio_run(wrapped(), loop_factory=factory)
 
 
 class Sink:

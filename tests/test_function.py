@@ -28,7 +28,7 @@ import pytest
 from _loops import asyncio_run
 
 import tsfn
-from tsfn._loop import LoopPort
+from tsfn._asyncio import AsyncioPort
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -71,7 +71,7 @@ def start(target: Callable[[], object], name: str = "tsfn-test-worker") -> Worke
 def blocked_callers(fn: tsfn.ThreadsafeFunction[Any]) -> int:
     # tsfn's own count of callers waiting for room. The only way to tell a thread
     # that is inside the wait from one that is about to enter it.
-    return fn._waiters
+    return fn._life.waiters
 
 
 def wait_until(condition: Callable[[], bool]) -> None:
@@ -113,7 +113,7 @@ def wake_up_spy(monkeypatch: pytest.MonkeyPatch) -> list[Callable[..., object]]:
     `call_soon_threadsafe`, looked up when the function is created; so the spy must
     be in place before the function is.
     """
-    port = LoopPort.of(asyncio.get_running_loop())
+    port = AsyncioPort.of(asyncio.get_running_loop())
     scheduled: list[Callable[..., object]] = []
     real = port.call_soon_threadsafe
 
@@ -949,6 +949,7 @@ async def test_an_item_queued_as_the_drain_goes_idle_is_still_delivered(
     )
     hooked = _QueueWithAHook(threading.get_ident())
     fn._queue = hooked
+    fn._life._occupied = hooked.__len__
     fn.call("first")
     await asyncio.wait_for(late_delivered.wait(), WAIT)
     assert hooked.fired
@@ -956,7 +957,7 @@ async def test_an_item_queued_as_the_drain_goes_idle_is_still_delivered(
     await fn.wait_closed()
 
 
-class _InflightWithAHook(list[None]):
+class _InflightWithAHook(set[object]):
     """The function's in-flight markers; tells when the loop first looks at them."""
 
     def __init__(self, loop_thread: int, looked: threading.Event) -> None:
@@ -988,7 +989,7 @@ async def test_a_call_that_passed_the_closing_check_lands_before_abort_discards(
         call_js=call_js, finalizer=lambda _: go.set()
     )
     fn._inflight = _InflightWithAHook(loop_thread, go)
-    real_is_closed = fn._loop_is_closed
+    real_is_closed = fn._life._loop_closed
 
     def is_closed_then_stall() -> bool:
         closed = real_is_closed()
@@ -997,7 +998,7 @@ async def test_a_call_that_passed_the_closing_check_lands_before_abort_discards(
             go.wait(WAIT)
         return closed
 
-    fn._loop_is_closed = is_closed_then_stall
+    fn._life._loop_closed = is_closed_then_stall
     producer = start(lambda: fn.call("in flight"))
     assert checked.wait(WAIT)
     fn.abort()

@@ -7,7 +7,7 @@ often enough, with the interpreter switching threads as often as it can, that a
 wrong interleaving would show up.
 
 Blocked callers also poll every 0.1 s for a loop closed under them (see
-`_CLOSED_LOOP_POLL` in tsfn/_function.py). That poll would turn a lost wake-up into a
+`CLOSED_LOOP_POLL` in tsfn/_lifecycle.py). That poll would turn a lost wake-up into a
 short stall instead of a hang, so the wake-up tests switch it off: with it off, a
 caller that nobody wakes hangs and the test fails.
 """
@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 import tsfn
-import tsfn._function
+import tsfn._lifecycle
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,7 +36,7 @@ JOIN = 10.0  # a thread not done after this long is hung, not slow
 @pytest.fixture
 def no_poll(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only a real wake-up can free a blocked caller (see the module docstring)."""
-    monkeypatch.setattr(tsfn._function, "_CLOSED_LOOP_POLL", 3600.0)
+    monkeypatch.setattr(tsfn._lifecycle, "CLOSED_LOOP_POLL", 3600.0)
 
 
 def join_all(threads: list[threading.Thread]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 __all__ = ["check_callable", "check_count", "check_name", "check_timeout"]
 
 
@@ -27,11 +29,17 @@ def check_count(value: object, name: str, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
 
 
-def check_timeout(timeout: object) -> None:
-    """None or a non-negative real number of seconds."""
+def check_timeout(timeout: object) -> float | None:
+    """None or a non-negative real number of seconds; returned as a float, or None
+    for a wait longer than the platform can time (`threading.TIMEOUT_MAX`)."""
     if timeout is None:
-        return
+        return None
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
         raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
     if not timeout >= 0:  # also rejects NaN
         raise ValueError(f"timeout must be >= 0, got {timeout!r}")
+    # Compared before any conversion: an int too large for a float (10**400) must
+    # not fail later, in arithmetic that does not name the argument.
+    if timeout >= threading.TIMEOUT_MAX:
+        return None
+    return float(timeout)

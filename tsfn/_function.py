@@ -1,39 +1,53 @@
-"""`ThreadsafeFunction`: Node-API's `napi_threadsafe_function` for asyncio.
+"""`ThreadsafeFunction`: Node-API's `napi_threadsafe_function`.
 
 The data path reads top to bottom in this module:
 
-    call()      check closing, wait for room (bounded), append to the queue, then
+    call()      refuse if closing; bounded: wait for room; append to the queue, then
                 take the wake token if it is there
-                -> loop.call_soon_threadsafe(_drain)     (once per batch, not per item)
-    _drain()    on the loop thread: pop up to BATCH items (their slots are freed at
-                once, so producers refill while the loop delivers)
+                -> port.call_soon_threadsafe(_drain)     (once per batch, not per item)
+    _drain()    on the loop thread: pop up to BATCH items, one at a time
                 -> callback(data), or call_js(loop, callback, context, data)
     _settle()   reschedule, or put the wake token back and re-check the queue
     _finish()   once closing: leftovers to call_js(None, None, ctx, data) on abort,
                 then the finalizer, exactly once
 
-Locking. A bounded queue counts its slots under one `threading.Lock` (with a
-Condition for callers waiting for room); counts and flags change under it too. An
-unbounded queue needs no lock to append, and this is the hot path, so it takes none:
-a lock that every producer takes convoys under the GIL (threads park on it while its
-holder waits for the GIL: measured 3x slower with 4 producers; see benchmarks/). The
-lock-free path relies on single-operation, hence atomic, calls: `deque.append` /
-`deque.popleft` (the queue), and `list.append` / `list.pop` (the wake token and the
-in-flight markers). Each is one C call: atomic under the GIL, and in free-threaded
-CPython each runs inside its object's own critical section (PEP 703), so they stay
-atomic there; two such sections on one object are totally ordered, which is what the
-two hand-offs below need:
+The bound is Node's: an item leaves the queue, and frees its slot, when the drain
+takes it to deliver it, so at most `max_queue_size` items are accepted and not yet
+handed to the callback, plus the one being delivered. Producers blocked on a full
+queue are woken once half of it is free (and at the end of each batch), so they refill
+it while the loop delivers the rest, with one wake-up per half queue, not per item.
+Admission, producer counting and closing live in `_lifecycle.py`; the tasks and
+futures that deliveries leave behind, in `_results.py`; the event loop, behind the
+port of `_loop.py`.
+
+Locking. A bounded queue admits under its lifecycle's lock. An unbounded queue takes
+no lock to append, and this is the hot path: a lock that every producer takes convoys
+under the GIL (threads park on it while its holder waits for the GIL: measured 3x
+slower with 4 producers; see benchmarks/). That path relies on single operations that
+are atomic: `deque.append` / `deque.popleft` (the queue), `list.append` / `list.pop`
+(the wake token), `set.add` / `set.discard` (in-flight markers), and reads of one
+attribute. Two hand-offs make it correct:
 
 - The wake token is a list holding one `None` while no drain is pending. Producers
-  append their item, then `pop` the token: exactly one wins and schedules the drain.
-  The drain, when the queue looks empty, puts the token back *first* and *then*
-  re-checks the queue, so an item appended meanwhile is seen by one side or the
-  other: no lost wake-up (libuv's `uv_async_send` contract; Node's dispatch_state).
-- An unbounded call marks itself in flight before it checks `closing` and unmarks
-  after its append. Closing sets `closing` first, then waits until nothing is in
-  flight before it finalizes, so no item can land in the queue after its last look.
+  append their item, then `pop` the token: one wins and schedules the drain. The
+  drain, when the queue looks empty, puts the token back *first* and *then* re-checks
+  the queue, so an item appended meanwhile is seen by one side or the other: no lost
+  wake-up (libuv's `uv_async_send` contract; Node's dispatch_state). A producer
+  interrupted while it holds the token schedules a drain anyway; such an extra drain
+  is harmless, since only the loop thread puts the token back, and only when missing.
+- An unbounded call marks itself in flight before it checks the state and unmarks
+  after its append. Closing sets the state first, then waits until nothing is in flight
+  before it finalizes, so no item can land in the queue after its last look.
 
-No lock is ever held while user code (callback, call_js, finalizer) runs.
+Both are store-then-load on two objects by each side (the classic store-buffer
+pattern), so each needs the two sides' operations in one total order. With the GIL
+they are. Without it (free-threaded CPython) see docs/guarantees.md for what holds.
+
+An interrupt (KeyboardInterrupt, or any asynchronous exception) can land in a
+producer between any two operations; the markers and the token are taken inside
+`try` blocks that undo or complete them, so no interrupt can leave a marker behind or
+the token lost. No lock is ever held while user code (callback, call_js, finalizer)
+runs.
 """
 
 from __future__ import annotations
@@ -42,19 +56,18 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from inspect import isawaitable
+from collections.abc import Callable, Sized
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
+from ._asyncio import port_of, running_port
 from ._checks import check_callable, check_count, check_name, check_timeout
-from ._errors import Closing, QueueFull, WouldDeadlock
-from ._loop import LoopPort, loop_or_running
+from ._lifecycle import Lifecycle, State
+from ._results import Results, SubmitFuture, Submission, let_through
 
-__all__ = ["ThreadsafeFunction"]
+__all__ = ["ThreadsafeFunction", "reader_bound"]
 
 T = TypeVar("T")
 
@@ -63,23 +76,10 @@ T = TypeVar("T")
 # that timers and I/O still get a turn while producers flood the queue.
 BATCH = 1000
 
-# How often a caller blocked on a full queue checks whether the loop was closed
-# directly with loop.close(), which nothing else can tell it (asyncio.run and
-# friends do tell: see LoopPort's shutdown hook).
-_CLOSED_LOOP_POLL = 0.1
+_OPEN, _ABORTED = State.OPEN, State.ABORTED
 
 Callback = Callable[[T], object]
-CallJs = Callable[[asyncio.AbstractEventLoop | None, Callable[[T], object] | None, Any, T], object]
-
-
-class _Submission(Generic[T]):
-    """A queued item whose caller waits for the callback's result (`submit`)."""
-
-    __slots__ = ("data", "future")
-
-    def __init__(self, data: T, future: concurrent.futures.Future[Any]) -> None:
-        self.data = data
-        self.future = future
+CallJs = Callable[[Any, Callable[[T], object] | None, Any, T], object]
 
 
 class _Lease:
@@ -112,7 +112,10 @@ class ThreadsafeFunction(Generic[T]):
 
     Guarantees: any call that does not raise is delivered to the callback or handed
     to `call_js` before the finalizer runs; the finalizer runs exactly once, on the
-    loop thread, after every item; no user code ever runs inside `call`.
+    loop thread, after every item and after every awaitable a callback returned has
+    finished; no user code ever runs inside `call`. At most `max_queue_size` items
+    (when bounded) are accepted and not yet handed to the callback, plus the one being
+    delivered.
     """
 
     def __init__(
@@ -135,48 +138,41 @@ class ThreadsafeFunction(Generic[T]):
         check_count(initial_thread_count, "initial_thread_count", 1)
         check_callable(finalizer, "finalizer")
         check_name(name)
-        self._loop = loop_or_running(loop, "ThreadsafeFunction")
-        self._port = LoopPort.of(self._loop)
-
+        port = running_port("ThreadsafeFunction") if loop is None else port_of(loop)
+        self._port = port
         self._callback = callback
         self._call_js = call_js
         self._context = context
         self._finalizer = finalizer
         self._name = name
-        self._max_queue_size = max_queue_size
-        self._bounded = max_queue_size > 0
         # What a delivery calls: the callback itself, or call_js with its first three
-        # arguments bound, so _deliver pays for no branch.
+        # arguments bound, so the drain pays for no branch.
         self._invoke: Callable[[T], object] = (
             cast(Callable[[T], object], callback)
             if call_js is None
-            else functools.partial(call_js, self._loop, callback, context)
+            else functools.partial(call_js, port.token, callback, context)
         )
-        self._call_soon_threadsafe = self._port.call_soon_threadsafe
-        self._loop_is_closed = self._loop.is_closed  # on the hot path: no indirection
 
         # Shared with producer threads (see "Locking" above).
         self._queue: deque[T] = deque()  # producers append, only the loop pops
         self._wake_token: list[None] = [None]  # holds None while no drain is pending
-        self._inflight: list[None] = []  # unbounded calls between checking and appending
-        self._lock = threading.Lock()  # guards the counts and flags below
-        self._not_full = threading.Condition(self._lock)
-        self._slots = 0  # bounded: slots taken by queued items (and unread stream items)
-        self._waiters = 0  # callers blocked in _wait_for_room
-        self._threads = initial_thread_count
-        self._closing = False  # written under _lock, read anywhere
-        self._aborted = False  # written under _lock, read anywhere
+        self._inflight: set[object] = set()  # unbounded calls between check and append
+        self._life = Lifecycle(
+            threads=initial_thread_count,
+            max_size=max_queue_size,
+            occupied=self._queue.__len__,
+            loop_closed=port.is_closed,
+            on_loop_thread=port.on_loop_thread,
+        )
+        # Bounded: the queue length at which a drain wakes blocked producers.
+        self._low_water = max_queue_size // 2 if max_queue_size else -1
 
         # Loop thread only.
-        self._reader_frees_slots = False  # stream: slots are freed as its consumer reads
-        self._referenced = True
+        self._results = Results(port)
         self._finalizing = False
         self._closed = False
-        self._tasks: set[asyncio.Future[Any]] = set()
-        self._closed_waiters: list[asyncio.Future[None]] = []
-
-        self._port.hold()
-        self._port.register(self)
+        self._closed_event: Any = None  # made by the first wait_closed()
+        self._membership = port.join(self)
 
     # -- producer side: any thread -----------------------------------------------------
 
@@ -192,40 +188,27 @@ class ThreadsafeFunction(Generic[T]):
         if block is not True and block is not False:
             raise TypeError(f"block must be a bool, got {block!r}")
         if timeout is not None:
-            check_timeout(timeout)
-        if self._bounded:
-            self._put_bounded(data, block, timeout)
+            timeout = check_timeout(timeout)
+        life = self._life
+        if life.max_size:
+            life.admit(self, self._queue.append, data, block, timeout)
         else:
-            if self._closing:  # refused without marking: see _wait_for_inflight
-                raise self._closing_error()
+            if life.state is not _OPEN:  # refused without marking: see _wait_for_inflight
+                raise life.closing_error(self)
+            marker = object()
             inflight = self._inflight
-            inflight.append(None)
             try:
-                if self._closing or self._loop_is_closed():
-                    raise self._closing_error()
+                inflight.add(marker)
+                life.refuse_if_closing(self)
                 self._queue.append(data)
             finally:
-                inflight.pop()
-        token = self._wake_token
-        if token:  # no drain pending: try to be the one who schedules it
-            try:
-                token.pop()
-            except IndexError:
-                return  # another thread just did
-            if not self._wake() and not self._finalizing:
-                # The loop was closed under us. Had it shut down properly, the
-                # function would have finalized, handing our item to call_js first;
-                # it did not (a bare loop.close()): the item stays with the caller.
-                raise self._closing_error()
-
-    def _put_bounded(self, data: T, block: bool, timeout: float | None) -> None:
-        with self._lock:
-            if self._closing or self._loop_is_closed():
-                raise self._closing_error()
-            if self._slots >= self._max_queue_size:
-                self._wait_for_room(block, timeout)
-            self._queue.append(data)
-            self._slots += 1
+                inflight.discard(marker)
+        # No drain pending (the token is there): try to be the one who schedules it.
+        if self._wake_token and not self._wake() and not self._finalizing:
+            # The loop was closed under us. Had it shut down properly, the function
+            # would have finalized, handing our item to call_js first; it did not (a
+            # bare loop.close()): the item stays with the caller.
+            raise life.closing_error(self)
 
     def call_nowait(self, data: T = None) -> None:  # type: ignore[assignment]
         """`call(data, block=False)`: queue `data` or raise `QueueFull` at once."""
@@ -242,12 +225,15 @@ class ThreadsafeFunction(Generic[T]):
 
         The future gets the callback's return value (awaited on the loop first if it
         is awaitable) or its exception. It is cancelled if the item is discarded by
-        `abort` or loop shutdown. Cancelling it before delivery discards the item.
+        `abort` or loop shutdown. Cancelling it while the item waits in the queue
+        discards the item; while the callback runs, `cancel()` returns False; once an
+        async callback's task runs, cancelling the future cancels the task (as
+        `asyncio.run_coroutine_threadsafe` does).
         """
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        future: SubmitFuture[Any] = SubmitFuture()
         # The queue holds plain items and submissions side by side, so one order holds
-        # for both; _deliver tells them apart by type.
-        self.call(cast(T, _Submission(data, future)), block=block, timeout=timeout)
+        # for both; the drain tells them apart by type.
+        self.call(cast(T, Submission(data, future)), block=block, timeout=timeout)
         return future
 
     def acquire(self) -> contextlib.AbstractContextManager[ThreadsafeFunction[T]]:
@@ -256,10 +242,7 @@ class ThreadsafeFunction(Generic[T]):
         The return value is a context manager whose exit calls `release()`:
         ``with fn.acquire(): ...``.
         """
-        with self._lock:
-            if self._closing or self._loop_is_closed():
-                raise self._closing_error()
-            self._threads += 1
+        self._life.acquire(self)
         return _Lease(self)
 
     def release(self) -> None:
@@ -269,19 +252,8 @@ class ThreadsafeFunction(Generic[T]):
         `Closing` if the count is already zero (released more than acquired).
         Allowed after `abort` while producers remain, as in Node-API.
         """
-        with self._lock:
-            if self._threads == 0:
-                raise Closing(f"{self!r}: release() with no producer left to release")
-            self._threads -= 1
-            if self._threads or self._closing:
-                return
-            self._closing = True
-            self._not_full.notify_all()
-        # Wake the loop to deliver what is queued, then finalize.
-        if self._wake_token:
-            with contextlib.suppress(IndexError):
-                self._wake_token.pop()
-                self._wake()
+        if self._life.release(self):
+            self._wake()  # deliver what is queued, then finalize
 
     def abort(self) -> None:
         """Close now. Idempotent.
@@ -291,280 +263,172 @@ class ThreadsafeFunction(Generic[T]):
         data)`` (when `call_js` was given), so what they hold can be released; then
         the finalizer runs, on the loop thread.
         """
-        with self._lock:
-            if self._aborted:
-                return
-            self._aborted = self._closing = True
-            self._not_full.notify_all()
-        # Always schedule: the drain that holds the wake token may be a paused one.
-        self._wake()
+        if self._life.abort():
+            self._wake()
 
     def _wake(self) -> bool:
-        """Schedule a drain on the loop; False if the loop is closed."""
+        """Schedule a drain unless one is pending; False if the loop is closed."""
+        token = self._wake_token
         try:
-            self._call_soon_threadsafe(self._drain)
-        except RuntimeError:  # the loop was closed under us
-            self._lose_loop()
+            token.pop()
+            self._port.call_soon_threadsafe(self._drain)
+        except IndexError:
+            pass  # the token was taken: that drain will look at the queue and state
+        except RuntimeError:  # a bare loop.close(): nothing will drain or finalize
+            self._life.lose_loop()
             return False
-        return True
-
-    def _wait_for_room(self, block: bool, timeout: float | None) -> None:
-        # Called with _lock held, with the queue full; returns with room for one item.
-        if not block or timeout == 0:
-            raise QueueFull(f"{self!r}: the queue is full ({self._max_queue_size} items)")
-        if self._port.on_loop_thread():
-            raise WouldDeadlock(
-                f"{self!r}: blocking call on the loop thread with the queue full; only "
-                "this thread can make room. Use call_nowait() or call it from another thread."
-            )
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self._waiters += 1
-        try:
-            while True:
-                if self._closing:
-                    raise self._closing_error()
-                if self._loop_is_closed():
-                    self._closing = True
-                    self._not_full.notify_all()
-                    raise self._closing_error()
-                if self._slots < self._max_queue_size:
-                    break
-                wait = _CLOSED_LOOP_POLL
-                if deadline is not None:
-                    wait = min(wait, deadline - time.monotonic())
-                    if wait <= 0:
-                        raise QueueFull(
-                            f"{self!r}: the queue stayed full for {timeout} s "
-                            f"({self._max_queue_size} items)"
-                        )
-                self._not_full.wait(wait)
         except BaseException:
-            # Leaving without a slot: pass on the wake-up this waiter may have taken.
-            if self._waiters > 1:
-                self._not_full.notify()
+            # Interrupted holding the token: schedule anyway (an extra drain is
+            # harmless, a missing one would strand every later item), then go on.
+            with contextlib.suppress(RuntimeError):
+                self._port.call_soon_threadsafe(self._drain)
             raise
-        finally:
-            self._waiters -= 1
-        # Wake-ups are handed on one at a time (a drain wakes one waiter; a woken
-        # waiter wakes the next while room remains) rather than all at once: every
-        # waiter still gets its turn, without a thundering herd of context switches.
-        # (Node wakes one per pop and can strand waiters: nodejs/node#58723.)
-        if self._waiters and self._slots + 1 < self._max_queue_size:
-            self._not_full.notify()
-
-    def _lose_loop(self) -> None:
-        # The loop was closed directly (loop.close()): nothing will ever drain or
-        # finalize, so close for callers; queued items stay undelivered (see docs).
-        with self._lock:
-            self._closing = True
-            self._not_full.notify_all()
-
-    def _closing_error(self) -> Closing:
-        if self._loop_is_closed() and not self._finalizing:
-            return Closing(f"{self!r}: its event loop is closed")
-        return Closing(f"{self!r} is closing")
+        return True
 
     # -- loop side ---------------------------------------------------------------------
 
     def _drain(self) -> None:
         """Deliver up to BATCH queued items (loop thread; scheduled by the wake-up)."""
-        if self._aborted:
+        life = self._life
+        if life.state is _ABORTED:
             self._maybe_finish()
             return
         queue = self._queue
-        count = min(len(queue), BATCH)  # only this thread pops: `count` items are there
-        batch = None
         take = queue.popleft
-        if self._bounded:
-            # Take the batch out of the queue at once, and free its slots, so that
-            # producers refill the queue while the loop delivers, and qsize() never
-            # exceeds max_queue_size.
-            batch = [take() for _ in range(count)]
-            take = iter(batch).__next__
-            if not self._reader_frees_slots:
-                self._free_slots(count)
         invoke = self._invoke
-        delivered = 0
+        low = self._low_water
         try:
             # The plain-item path is inlined: a method call per item would double
             # the drain's cost (see benchmarks/).
-            for delivered in range(1, count + 1):  # noqa: B007 - used in finally
+            for _ in range(min(len(queue), BATCH)):  # only this thread pops
                 item = take()
-                if item.__class__ is _Submission:
-                    self._deliver_submission(item)  # type: ignore[arg-type]
+                if life.waiters and len(queue) <= low:
+                    low = -1  # once a batch; _settle covers the rest
+                    life.room_made()
+                if item.__class__ is Submission:
+                    if not self._results.deliver(self, item):  # type: ignore[arg-type]
+                        self._discard(item.data)  # type: ignore[attr-defined]
                 else:
                     try:
                         result = invoke(item)
-                    except (KeyboardInterrupt, SystemExit):
-                        raise
                     except BaseException as exc:
+                        if let_through(exc):
+                            raise
                         self._report("Exception in the callback", exc)
                     else:
-                        if result is not None and isawaitable(result):
-                            self._track(result, None)
-                if self._aborted:
+                        if result is not None:
+                            self._results.returned(self, result, None)
+                if life.state is _ABORTED:
                     break
         finally:
-            if batch is not None and delivered < count:
-                self._put_back(batch[delivered:])
             self._settle()
 
-    def _put_back(self, rest: list[T]) -> None:
-        # An exception escaped a callback (KeyboardInterrupt, SystemExit) or abort()
-        # stopped the batch: the rest goes back ahead of anything queued since, and
-        # takes its slots back.
-        with self._lock:
-            self._queue.extendleft(reversed(rest))
-            if not self._reader_frees_slots:
-                self._slots += len(rest)
-
     def _settle(self) -> None:
-        if self._aborted:
+        life = self._life
+        if life.max_size:
+            life.room_made()  # under the lock, so a producer about to wait is seen
+        queue = self._queue
+        if life.state is _ABORTED:
             self._maybe_finish()
-        elif self._queue:
+        elif queue:
             # Keep the wake token: the next loop iteration drains on, after other
             # callbacks, timers and I/O have had their turn.
             self._port.call_soon(self._drain)
         else:
             # Put the token back first, then look again: an item appended since our
             # last look is either seen now or its producer finds the token.
-            self._wake_token.append(None)
-            if self._queue:
+            token = self._wake_token
+            if not token:
+                token.append(None)
+            if queue:
                 with contextlib.suppress(IndexError):
-                    self._wake_token.pop()
+                    token.pop()
                     self._port.call_soon(self._drain)
-            elif self._closing:
+            elif life.state is not _OPEN:
                 self._maybe_finish()
-
-    def _free_slots(self, count: int) -> None:
-        """Give `count` slots back to producers of a bounded queue."""
-        with self._lock:
-            self._slots -= count
-            if self._waiters and count:
-                self._not_full.notify()  # one; it wakes the next (_wait_for_room)
-
-    def _deliver_submission(self, item: _Submission[T]) -> None:
-        future = item.future
-        if future.cancelled():  # cancelled by its caller before delivery
-            self._discard(item)
-            return
-        try:
-            result = self._invoke(item.data)
-        except (KeyboardInterrupt, SystemExit) as exc:
-            _fail(future, exc)
-            raise
-        except BaseException as exc:
-            _fail(future, exc)
-            return
-        if result is not None and isawaitable(result):
-            self._track(result, future)
-        else:
-            _succeed(future, result)
-
-    def _track(
-        self, awaitable: Awaitable[Any], future: concurrent.futures.Future[Any] | None
-    ) -> None:
-        # An awaitable result runs as a task; its item counts as delivered once the
-        # task is done, so the finalizer waits for it (and abort cancels it).
-        task = asyncio.ensure_future(awaitable, loop=self._loop)
-        self._tasks.add(task)
-        task.add_done_callback(functools.partial(self._task_done, future))
-
-    def _task_done(
-        self, future: concurrent.futures.Future[Any] | None, task: asyncio.Future[Any]
-    ) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
-            if future is not None:
-                future.cancel()
-        elif (exc := task.exception()) is not None:
-            if future is None:
-                self._report("Exception in the callback", exc)
-            else:
-                _fail(future, exc)
-        elif future is not None:
-            _succeed(future, task.result())
-        self._maybe_finish()
 
     def _report(self, what: str, exc: BaseException) -> None:
         self._port.report(f"{what} of {self!r}", exc, tsfn=self)
 
-    def _discard(self, item: T | _Submission[T]) -> None:
+    def _discard(self, item: Any) -> None:
         """Hand an undelivered item back to call_js(None, None, context, data)."""
-        if isinstance(item, _Submission):
+        if item.__class__ is Submission:
             item.future.cancel()
             item = item.data
         if self._call_js is None:
             return
         try:
-            self._call_js(None, None, self._context, item)
-        except (KeyboardInterrupt, SystemExit):
-            raise
+            result = self._call_js(None, None, self._context, item)
         except BaseException as exc:
+            if let_through(exc):
+                raise
             self._report("Exception in call_js discarding an item", exc)
+        else:
+            if result is not None:
+                self._results.returned(self, result, None)  # an async call_js runs to its end
 
     def _maybe_finish(self) -> None:
         """Finish if closing and nothing is left to deliver (or aborted)."""
-        if not self._closing or self._finalizing:
+        life = self._life
+        if life.state is _OPEN or self._finalizing:
             return
         self._wait_for_inflight()
-        if self._aborted or not self._queue:
+        if life.state is _ABORTED:
+            self._results.cancel_all()  # first: the cleanups of discards below run on
+            queue = self._queue
+            try:
+                while queue:  # no producer appends any more: aborted, none in flight
+                    self._discard(queue.popleft())
+            except BaseException:  # KeyboardInterrupt in call_js: the rest next run
+                self._port.call_soon(self._drain)
+                raise
+        elif self._queue:
+            return  # a drain is pending: its _settle calls us again
+        if not self._results.tasks:
             self._finish()
-        # Otherwise an item is queued, so a drain is pending: its _settle calls us.
+        # Otherwise the last task to end calls us again.
 
     def _wait_for_inflight(self) -> None:
-        # An unbounded call that saw `closing` unset may still be about to append; it
-        # holds no lock and runs no user code, so this wait is a few instructions. Calls
-        # made after `closing` was set are refused before they mark themselves, so
+        # An unbounded call that saw the function open may still be about to append;
+        # it holds no lock and runs no user code, so this wait is a few instructions.
+        # Calls made after closing began are refused before they mark themselves, so
         # producers that keep calling cannot keep this wait going.
         while self._inflight:
             time.sleep(0)  # let it have the GIL
 
-    def _finish(self, *, wait_for_tasks: bool = True) -> None:
-        """Close on the loop thread: discard leftovers (abort), then the finalizer, once."""
-        if self._finalizing:
-            return
-        if self._aborted:
-            self._wait_for_inflight()
-            queue = self._queue
-            while queue:  # no producer appends any more: closing is set, none in flight
-                self._discard(queue.popleft())
-            for task in self._tasks:
-                task.cancel()
-        if self._tasks and wait_for_tasks:
-            return  # the last task's _task_done calls us again
+    def _finish(self) -> None:
+        """Run the finalizer, once; then the function is closed."""
         self._finalizing = True
-        self._port.unregister(self)
-        if self._referenced:
-            self._port.unhold()
+        self._membership.leave()
         try:
             if self._finalizer is not None:
                 self._finalizer(self._context)
-        except (KeyboardInterrupt, SystemExit):
-            raise
         except BaseException as exc:
+            if let_through(exc):
+                raise
             self._report("Exception in the finalizer", exc)
         finally:
             self._closed = True
-            waiters, self._closed_waiters = self._closed_waiters, []
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+            if self._closed_event is not None:
+                self._closed_event.set()
+
+    # The loop's shutdown (see _loop.Member): on the loop thread, loop still running.
 
     def _shutdown(self) -> None:
-        # The loop is shutting down (LoopPort's hook, on the loop thread, loop still
-        # running): abort and finalize now; there will be no later iteration to wait for.
         self.abort()
-        self._finish(wait_for_tasks=False)
+        self._maybe_finish()
 
-    def _read_by_consumer(self) -> None:
-        """Stream: keep each delivered item's slot until `_consumed` frees it."""
-        self._reader_frees_slots = True
+    async def _finished(self) -> None:
+        await self.wait_closed()
 
-    def _consumed(self) -> None:
-        """Stream: its consumer has read one delivered item; free its slot."""
-        if self._bounded:
-            self._free_slots(1)
+    # -- the stream's variant ------------------------------------------------------------
+
+    def _count_unread(self, unread: Sized) -> Callable[[], None]:
+        """Keep delivered items counted against the bound while they sit in `unread`;
+        return what the reader calls after taking one out. See `reader_bound`."""
+        self._life.count_also(unread)
+        self._low_water = -1  # a drain frees nothing: the reader does
+        return self._life.room_made
 
     # -- loop thread: liveness ---------------------------------------------------------
 
@@ -575,9 +439,7 @@ class ThreadsafeFunction(Generic[T]):
         thread only.
         """
         self._check_loop_thread("ref")
-        if not self._referenced and not self._finalizing:
-            self._referenced = True
-            self._port.hold()
+        self._membership.ref()
 
     def unref(self) -> None:
         """Let `tsfn.run()` finish while this function is open (it is then aborted).
@@ -585,10 +447,7 @@ class ThreadsafeFunction(Generic[T]):
         Idempotent, not counted. Loop thread only.
         """
         self._check_loop_thread("unref")
-        if self._referenced:
-            self._referenced = False
-            if not self._finalizing:
-                self._port.unhold()
+        self._membership.unref()
 
     def _check_loop_thread(self, method: str) -> None:
         if not self._port.on_loop_thread():
@@ -609,12 +468,12 @@ class ThreadsafeFunction(Generic[T]):
     @property
     def thread_count(self) -> int:
         """How many producers are counted now (acquired and not released)."""
-        return self._threads
+        return self._life.threads
 
     @property
     def closing(self) -> bool:
         """True once no call can succeed: released to zero, aborted, or loop closed."""
-        return self._closing or self._loop_is_closed()
+        return self._life.state is not _OPEN or self._port.is_closed()
 
     @property
     def closed(self) -> bool:
@@ -622,18 +481,18 @@ class ThreadsafeFunction(Generic[T]):
         return self._closed
 
     def qsize(self) -> int:
-        """Items queued: accepted and not yet delivered (or discarded)."""
+        """Items accepted and not yet handed to the callback (or discarded)."""
         return len(self._queue)
 
     async def wait_closed(self) -> None:
         """Return after the finalizer has run. Await it on the function's loop."""
         if self._closed:
             return
-        if asyncio.get_running_loop() is not self._loop:
+        if not self._port.on_loop_thread():
             raise RuntimeError(f"{self!r}: wait_closed() must be awaited on its own loop")
-        waiter: asyncio.Future[None] = self._loop.create_future()
-        self._closed_waiters.append(waiter)
-        await waiter
+        if self._closed_event is None:
+            self._closed_event = self._port.event()
+        await self._closed_event.wait()
 
     async def __aenter__(self) -> ThreadsafeFunction[T]:
         return self
@@ -649,24 +508,27 @@ class ThreadsafeFunction(Generic[T]):
         await self.wait_closed()
 
     def __repr__(self) -> str:
-        if self._closed:
-            state = "closed"
-        elif self._closing:
-            state = "aborted" if self._aborted else "closing"
-        else:
-            state = "open"
+        state = "closed" if self._closed else self._life.state.value
         label = self._name or getattr(self._callback or self._call_js, "__qualname__", "?")
-        return f"<ThreadsafeFunction {label!r} {state} threads={self._threads} queued={len(self._queue)}>"
+        return (
+            f"<ThreadsafeFunction {label!r} {state} threads={self._life.threads} "
+            f"queued={len(self._queue)}>"
+        )
 
 
-def _succeed(future: concurrent.futures.Future[Any], result: object) -> None:
-    # The caller may have cancelled the future meanwhile; that is its right.
-    if not future.cancelled():
-        with contextlib.suppress(concurrent.futures.InvalidStateError):
-            future.set_result(result)
+def reader_bound(
+    callback: Callable[[T], object],
+    unread: Sized,
+    *,
+    max_queue_size: int,
+    finalizer: Callable[[Any], object],
+    name: str,
+) -> tuple[ThreadsafeFunction[T], Callable[[], None]]:
+    """A function whose delivered items stay counted until their reader takes them.
 
-
-def _fail(future: concurrent.futures.Future[Any] | None, exc: BaseException) -> None:
-    if future is not None and not future.cancelled():
-        with contextlib.suppress(concurrent.futures.InvalidStateError):
-            future.set_exception(exc)
+    For `stream`: `callback` moves each item into `unread`, and the reader calls the
+    returned function after taking one out of it, so the queue and `unread` together
+    hold at most `max_queue_size` items.
+    """
+    fn = ThreadsafeFunction(callback, max_queue_size=max_queue_size, finalizer=finalizer, name=name)
+    return fn, fn._count_unread(unread)

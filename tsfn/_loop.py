@@ -1,216 +1,253 @@
-"""The loop-facing seam: everything tsfn asks of an event loop, in one module.
+"""The event-loop seam: the only place that knows which event loop is running.
 
-A ThreadsafeFunction or an AsyncWork needs four things from the loop it belongs to:
-schedule a callback from any thread, tell whether the current thread runs the loop,
-report an exception the way the loop reports its own, and learn that the loop is
-shutting down. `LoopPort` is that seam; supporting another loop (trio through anyio)
-means another implementation of it and nothing else.
+Everything tsfn asks of an event loop goes through a `Port`: schedule a callback
+from any thread, tell whether this thread runs the loop, report an exception the way
+the loop reports its own, make events to await, spawn a task for an awaitable
+result, run a function on a worker, and learn that the loop is shutting down. Each
+loop family implements those primitives once (`_asyncio.py`; asyncio's default loop
+and uvloop share it); what is the same for every loop lives here: membership and
+liveness.
 
-The port also keeps the loop's *liveness* count, Node's `uv_ref`: how many
-referenced functions and pending works still want the loop to run. `tsfn.run` waits
-for it to reach zero (see `_run.py`).
+*Membership*: each ThreadsafeFunction and each queued AsyncWork `join`s the port of
+its loop and gets a `Membership`. While it is a member, the loop's shutdown shuts it
+down (abort, discard, finalizer) before the loop closes. While it is *referenced*
+(Node's `uv_ref`), it keeps `tsfn.run` running. `leave()` ends both.
 """
 
 from __future__ import annotations
 
-import asyncio
+import abc
 import contextlib
 import threading
-import warnings
-import weakref
-from collections.abc import AsyncGenerator, Callable
-from typing import Any, ClassVar, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, Protocol, TypeVar
 
-__all__ = ["LoopPort", "Shutdownable"]
+__all__ = ["Event", "Member", "Membership", "Port", "Spawned"]
 
-
-class Shutdownable(Protocol):
-    """Something that must be closed on the loop thread before its loop closes."""
-
-    def _shutdown(self) -> None: ...
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 
 
-class LoopPort:
-    """One per event loop: scheduling, thread checks, error reports, shutdown, liveness."""
+class Member(Protocol):
+    """Something that must be shut down on the loop thread before its loop closes."""
 
-    # One port per loop, found by the loop's id (checked against the port's loop).
-    # The table holds ports weakly and a port holds its loop weakly, so neither keeps
-    # a finished loop alive: a port's shutdown sentinel refers to the loop (through
-    # its asyncgen finalizer hook), so a strong table would keep every loop forever.
-    # A port with members must live on regardless (its shutdown hook has work to
-    # do), so `_busy` holds those.
-    _ports: ClassVar[weakref.WeakValueDictionary[int, LoopPort]] = weakref.WeakValueDictionary()
-    _busy: ClassVar[set[LoopPort]] = set()
-    _ports_lock = threading.Lock()
+    def _shutdown(self) -> None:
+        """Stop now (loop thread, loop still running): abort, start finishing."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = weakref.ref(loop)
-        # Guards `_members`, `_referenced`, `_shut_down`: functions and works register
-        # from any thread.
+    async def _finished(self) -> None:
+        """Return once finished (finalizer or `complete` run). Awaited at shutdown."""
+
+
+class Event(Protocol):
+    """A one-shot event of the loop: `set` on the loop thread, awaited there."""
+
+    def set(self) -> None: ...
+
+    def is_set(self) -> bool: ...
+
+    async def wait(self) -> Any: ...
+
+
+class Spawned(Protocol[R_co]):
+    """What `Port.spawn` and `Port.run_in_worker` return: a future of the loop."""
+
+    def cancel(self) -> bool: ...
+
+    def cancelled(self) -> bool: ...
+
+    def done(self) -> bool: ...
+
+    def result(self) -> R_co: ...
+
+    def exception(self) -> BaseException | None: ...
+
+    def add_done_callback(self, fn: Callable[[Any], object], /) -> None: ...
+
+
+class Membership:
+    """A member's place in its loop (see the module docstring). Any thread."""
+
+    __slots__ = ("_member", "_port", "referenced")
+
+    def __init__(self, port: Port, member: Member) -> None:
+        self._port = port
+        self._member: Member | None = member
+        self.referenced = True
+
+    def ref(self) -> None:
+        """Keep `tsfn.run` running (idempotent). Ignored once left."""
+        if not self.referenced and self._member is not None:
+            self.referenced = True
+            self._port._hold(+1)
+
+    def unref(self) -> None:
+        """Stop keeping `tsfn.run` running (idempotent)."""
+        if self.referenced:
+            self.referenced = False
+            if self._member is not None:
+                self._port._hold(-1)
+
+    def leave(self) -> None:
+        """The member is finished: no shutdown call, no hold. Idempotent."""
+        member, self._member = self._member, None
+        if member is not None:
+            self._port._leave(member, self.referenced)
+
+
+class Port(abc.ABC):
+    """One per running event loop: the primitives below, plus membership."""
+
+    # Ports with members, held strongly: a member nobody refers to any more must still
+    # be shut down (its finalizer run) with its loop.
+    _busy: ClassVar[set[Port]] = set()
+    _busy_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        # Guards `_members`, `_referenced`, `_shut_down`: members join from any thread.
         self._lock = threading.Lock()
-        self._members: set[Shutdownable] = set()
+        self._members: set[Member] = set()
         self._referenced = 0
         self._shut_down = False
-        self._idle_waiters: list[asyncio.Future[None]] = []
-        self._sentinel: AsyncGenerator[None, None] | None = None
+        self._idle: Event | None = None  # created on the loop thread by wait_idle
 
-    @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop) -> LoopPort:
-        """The port of `loop`, created (and its shutdown hook armed) on first use."""
-        with cls._ports_lock:
-            # Loops closed directly (loop.close()) never shut their members down, so
-            # their ports would stay busy forever: let them go now.
-            cls._busy = {p for p in cls._busy if not p._loop_gone()}
-            port = cls._ports.get(id(loop))
-            new = port is None or port._loop() is not loop
-            if new:
-                port = cls._ports[id(loop)] = cls(loop)
-        assert port is not None
-        if new and not loop.is_closed():
-            if port.on_loop_thread():
-                port._arm_shutdown_hook()
-            else:
-                # The hook must be armed on the loop thread while the loop runs; if
-                # the loop closes first, there is nothing to arm.
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(port._arm_shutdown_hook)
-        return port
-
-    def _loop_gone(self) -> bool:
-        loop = self._loop()
-        return loop is None or loop.is_closed()
+    # -- primitives, one implementation per loop family --------------------------------
 
     @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        loop = self._loop()
-        # Whoever asks holds the loop (a function, a work, a running coroutine).
-        assert loop is not None, "the port outlived its loop"
-        return loop
+    @abc.abstractmethod
+    def token(self) -> Any:
+        """What `call_js` gets as its first argument: the asyncio loop, or trio's token."""
 
-    def call_soon_threadsafe(self, callback: Callable[..., object], *args: Any) -> None:
-        self.loop.call_soon_threadsafe(callback, *args)
+    @abc.abstractmethod
+    def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
+        """Run `callback()` soon on the loop thread. Any thread. Raises RuntimeError
+        once the loop is closed."""
 
-    def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
-        self.loop.call_soon(callback, *args)
+    @abc.abstractmethod
+    def call_soon(self, callback: Callable[[], object]) -> None:
+        """The same, from the loop thread, after the callbacks already due."""
 
+    @abc.abstractmethod
     def on_loop_thread(self) -> bool:
-        """True when the calling thread is the one running this loop."""
-        return asyncio._get_running_loop() is self.loop
+        """True when the calling thread is running this loop."""
 
+    @abc.abstractmethod
+    def is_closed(self) -> bool:
+        """True once the loop can run nothing any more."""
+
+    @abc.abstractmethod
     def report(self, message: str, exc: BaseException, **extra: Any) -> None:
-        """Hand `exc` to the loop's exception handler, as asyncio does for callbacks."""
-        self.loop.call_exception_handler({"message": message, "exception": exc, **extra})
+        """Hand `exc` to the loop's handler for unhandled errors of callbacks."""
 
-    # -- shutdown ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def event(self) -> Event:
+        """A new one-shot event. Loop thread."""
 
-    def _arm_shutdown_hook(self) -> None:
-        # There is no public "the loop is shutting down" callback. But asyncio.run,
-        # asyncio.Runner (and uvloop, and tsfn.run) call `loop.shutdown_asyncgens()`
-        # while the loop still runs, right before closing it, and that closes every
-        # async generator the loop has seen start. So we start one that never ends:
-        # its `finally` is our shutdown callback, on the loop thread, loop running.
-        if self._sentinel is not None or self.loop.is_closed():
-            return
-        self._sentinel = _shutdown_sentinel(self)
-        # Run it to its first `yield` (which ends the `asend` with StopIteration):
-        # that registers it with the loop's asyncgen `firstiter` hook, which only the
-        # running loop has installed. If the loop already ran shutdown_asyncgens()
-        # (we are armed by a function created during the executor shutdown that
-        # follows), the hook says so with a ResourceWarning: shut down right away.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ResourceWarning)
-            with contextlib.suppress(StopIteration):
-                self._sentinel.asend(None).send(None)
-        if any(issubclass(w.category, ResourceWarning) for w in caught):
-            self.shutdown()
+    @abc.abstractmethod
+    def spawn(self, awaitable: Awaitable[R]) -> Spawned[R]:
+        """Run `awaitable` as a task of the loop. Loop thread. Raises what the loop
+        raises for an awaitable it cannot run (a future of another loop)."""
 
-    def register(self, member: Shutdownable) -> None:
-        """Have `member._shutdown()` called on the loop thread when the loop shuts down."""
+    @abc.abstractmethod
+    def run_in_worker(self, func: Callable[[], R]) -> Spawned[R]:
+        """Run `func()` on the loop's default worker threads. Loop thread."""
+
+    @abc.abstractmethod
+    def wrap_future(self, future: Any) -> Spawned[Any]:
+        """A loop future following a `concurrent.futures.Future`. Loop thread."""
+
+    @abc.abstractmethod
+    async def join_uncancellable(self, future: Spawned[Any]) -> bool:
+        """Wait until `future` is done, even through cancellation of the caller;
+        return whether the caller was cancelled meanwhile (to re-raise it then)."""
+
+    @abc.abstractmethod
+    def cancelled_error(self) -> BaseException:
+        """The exception a cancelled awaiter of this loop raises."""
+
+    # -- membership and liveness -------------------------------------------------------
+
+    def join(self, member: Member) -> Membership:
+        """Make `member` shut down with the loop and keep `tsfn.run` alive. Any thread.
+
+        Joining a loop whose shutdown has begun (from an executor thread that is
+        being joined, say) shuts the member down as soon as the loop can run it.
+        """
+        membership = Membership(self, member)
         with self._lock:
             shut_down = self._shut_down
             if not shut_down:
                 self._members.add(member)
-                with self._ports_lock:
+                self._referenced += 1
+                with self._busy_lock:
                     self._busy.add(self)
         if shut_down:
-            # Created after shutdown began (e.g. from an executor thread being joined):
-            # close it as soon as possible rather than leave it open forever. If the
-            # loop is already closed, its own closed-loop checks refuse every call.
-            with contextlib.suppress(RuntimeError):
+            membership._member = None  # nothing to leave
+            membership.referenced = False
+            with contextlib.suppress(
+                RuntimeError
+            ):  # closed already: the member's own closed-loop checks refuse calls
                 self.call_soon_threadsafe(member._shutdown)
+        return membership
 
-    def unregister(self, member: Shutdownable) -> None:
+    def _hold(self, delta: int) -> None:
+        with self._lock:
+            self._referenced += delta
+            idle = self._referenced == 0
+        if idle:
+            self._wake_idle()
+
+    def _leave(self, member: Member, referenced: bool) -> None:
         with self._lock:
             self._members.discard(member)
+            self._referenced -= referenced
+            idle = self._referenced == 0
             if not self._members:
-                with self._ports_lock:
+                with self._busy_lock:
                     self._busy.discard(self)
+        if idle:
+            self._wake_idle()
 
-    def shutdown(self) -> None:
-        """Shut every registered member down. Loop thread only; called by the sentinel."""
+    async def shutdown(self) -> None:
+        """Shut every member down, wait until each has finished, then return.
+
+        Loop thread, loop running. A member raising KeyboardInterrupt or SystemExit
+        does not stop the others from shutting down; the first such exception is
+        raised once all have finished.
+        """
         with self._lock:
             self._shut_down = True
             members = list(self._members)
-            self._members.clear()
-            with self._ports_lock:
-                self._busy.discard(self)
+        interrupt: BaseException | None = None
         for member in members:
-            member._shutdown()
-        self._wake_idle_waiters()
-
-    # -- liveness (Node's uv_ref / uv_unref) -----------------------------------------
-
-    def hold(self) -> None:
-        """One more reason for `tsfn.run` to keep the loop running. Any thread."""
-        with self._lock:
-            self._referenced += 1
-
-    def unhold(self) -> None:
-        """One reason fewer. Loop thread only: it may wake `wait_idle`."""
-        with self._lock:
-            self._referenced -= 1
-            idle = self._referenced == 0
-        if idle:
-            self._wake_idle_waiters()
+            try:
+                member._shutdown()
+            except BaseException as exc:
+                interrupt = interrupt or exc
+        for member in members:
+            try:
+                await member._finished()
+            except BaseException as exc:
+                interrupt = interrupt or exc
+        self._wake_idle()
+        if interrupt is not None:
+            raise interrupt
 
     async def wait_idle(self) -> None:
-        """Return once nothing holds the loop (Node's loop would then exit)."""
-        while True:
-            with self._lock:
-                if self._referenced == 0 or self._shut_down:
-                    return
-            waiter = self.loop.create_future()
-            self._idle_waiters.append(waiter)
-            await waiter
+        """Return once nothing referenced is left (Node's loop would then exit)."""
+        with self._lock:
+            if self._referenced == 0 or self._shut_down:
+                return
+            self._idle = idle = self._idle or self.event()
+        await idle.wait()
 
-    def _wake_idle_waiters(self) -> None:
-        waiters, self._idle_waiters = self._idle_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+    def _wake_idle(self) -> None:
+        idle, self._idle = self._idle, None
+        if idle is not None:
+            self._loop_thread_or_soon(idle.set)
 
-
-async def _shutdown_sentinel(port: LoopPort) -> AsyncGenerator[None, None]:
-    try:
-        yield
-    finally:
-        port.shutdown()
-
-
-def loop_or_running(
-    loop: asyncio.AbstractEventLoop | None, owner: str
-) -> asyncio.AbstractEventLoop:
-    """`loop` if given (checked), else the running loop, with a clear error if none."""
-    if loop is None:
-        try:
-            return asyncio.get_running_loop()
-        except RuntimeError:
-            raise RuntimeError(
-                f"{owner} needs an event loop: create it inside a coroutine running on "
-                "the loop, or pass loop=..."
-            ) from None
-    if not isinstance(loop, asyncio.AbstractEventLoop):
-        raise TypeError(f"loop must be an asyncio event loop or None, got {loop!r}")
-    if loop.is_closed():
-        raise ValueError(f"loop must not be closed, got {loop!r}")
-    return loop
+    def _loop_thread_or_soon(self, callback: Callable[[], object]) -> None:
+        if self.on_loop_thread():
+            callback()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                self.call_soon_threadsafe(callback)

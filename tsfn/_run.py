@@ -2,7 +2,7 @@
 
 Node keeps its process alive while a referenced threadsafe function is open or an
 async work is pending; `tsfn.run` does the same for `main`'s loop: after `main`
-returns it keeps the loop running until nothing holds it (see `LoopPort.hold`), then
+returns it keeps the loop running until nothing holds it (see `_loop.Membership`), then
 aborts the functions still open (those that were `unref`'d) and shuts the loop down
 as `asyncio.run` does.
 """
@@ -10,11 +10,10 @@ as `asyncio.run` does.
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from ._loop import LoopPort
+from ._asyncio import asyncio_run, running_port
 
 __all__ = ["run"]
 
@@ -42,41 +41,12 @@ def run(
         raise TypeError(f"loop_factory must be a callable or None, got {loop_factory!r}")
     if debug is not None and not isinstance(debug, bool):
         raise TypeError(f"debug must be a bool or None, got {debug!r}")
-    if sys.version_info >= (3, 11):
-        with asyncio.Runner(debug=debug, loop_factory=loop_factory) as runner:
-            return runner.run(_live(main))
-    return _run_310(_live(main), debug, loop_factory)  # pragma: no cover - 3.10 only
+    return asyncio_run(_live(main), debug=debug, loop_factory=loop_factory)
 
 
 async def _live(main: Coroutine[Any, Any, R]) -> R:
     result = await main
-    port = LoopPort.of(asyncio.get_running_loop())
+    port = running_port("tsfn.run")
     await port.wait_idle()
-    port.shutdown()  # abort what is still open (unreferenced), finalizers included
+    await port.shutdown()  # abort what is still open (unreferenced), finalizers included
     return result
-
-
-def _run_310(
-    main: Coroutine[Any, Any, R],
-    debug: bool | None,
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
-) -> R:  # pragma: no cover - Python 3.10 has no asyncio.Runner
-    if loop_factory is None:
-        return asyncio.run(main, debug=bool(debug))
-    loop = loop_factory()
-    try:
-        asyncio.set_event_loop(loop)
-        if debug is not None:
-            loop.set_debug(debug)
-        return loop.run_until_complete(main)
-    finally:
-        try:
-            tasks = asyncio.all_tasks(loop)
-            for task in tasks:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.run_until_complete(loop.shutdown_default_executor())
-        finally:
-            asyncio.set_event_loop(None)
-            loop.close()

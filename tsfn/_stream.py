@@ -1,20 +1,20 @@
 """`tsfn.stream`: node-addon-api's AsyncProgressQueueWorker / AsyncProgressWorker.
 
-A function runs on a worker thread and `emit`s items; the loop side reads them with
+A function runs on a worker and `emit`s items; the loop side reads them with
 `async for`. Underneath is one ThreadsafeFunction whose single producer is the
 worker: `emit` is a blocking `call`, the worker's return is its `release`, and the
 finalizer marks the end of the stream, so every item emitted before the end (or
 before an exception) is read first.
 
 Backpressure counts every buffer: a delivered item keeps its slot in the function's
-bounded queue until the consumer has read it, so the queue and the stream's buffer
-together hold at most `max_queue_size` items, and the worker is never more than
-`max_queue_size + 1` items ahead (the `+ 1` is the item in its hand).
+bounded queue until the consumer has read it (`reader_bound`), so the queue and the
+stream's buffer together hold at most `max_queue_size` items, and the worker is never
+more than `max_queue_size + 1` items ahead (the `+ 1` is the item in its hand). The
+slot is freed once the consumer holds the item, as `__anext__` returns it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import functools
 import threading
@@ -23,10 +23,12 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Concatenate, Generic, TypeVar
 
+from ._asyncio import running_port
 from ._cancel import CancelFlag, run_with_flag
 from ._checks import check_callable, check_count
 from ._errors import Closing
-from ._function import ThreadsafeFunction
+from ._function import ThreadsafeFunction, reader_bound
+from ._loop import Event, Port, Spawned
 
 __all__ = ["Stream", "stream"]
 
@@ -57,10 +59,69 @@ def stream(
     - ``latest=True`` (progress reporting): ``emit`` never blocks, the consumer sees
       the newest item emitted since its last read, and the last item is always seen.
 
+    A stream is iterated once: after its end, a new ``async for`` raises RuntimeError.
     `executor` must run `func` in this process (a thread pool); by default the loop's
     default executor.
     """
     return Stream(func, args, max_queue_size=max_queue_size, latest=latest, executor=executor)
+
+
+class _Queued(Generic[Y]):
+    """Every item, in order, through the reader-bound function's queue."""
+
+    def __init__(
+        self, wake: Callable[[], None], max_queue_size: int, end: Callable[[Any], None], name: str
+    ) -> None:
+        self._buffer: deque[Y] = deque()  # delivered, unread: they keep their slots
+        self._wake = wake
+        self.fn, self._read = reader_bound(
+            self._on_item, self._buffer, max_queue_size=max_queue_size, finalizer=end, name=name
+        )
+        self.emit: Callable[[Y], None] = self.fn.call
+
+    def _on_item(self, item: Y) -> None:
+        self._buffer.append(item)
+        self._wake()
+
+    def take(self) -> tuple[bool, Y | None]:
+        if not self._buffer:
+            return False, None
+        item = self._buffer.popleft()
+        self._read()
+        return True, item
+
+
+class _Latest(Generic[Y]):
+    """The newest item only: one slot the worker overwrites, and one wake-up queued."""
+
+    def __init__(self, wake: Callable[[], None], end: Callable[[Any], None], name: str) -> None:
+        self._lock = threading.Lock()
+        self._slot: Y | None = None
+        self._full = False
+        self._signalled = False  # a wake-up is queued; it will find the newest item
+        self._wake = wake
+        self.fn: ThreadsafeFunction[None] = ThreadsafeFunction(
+            lambda _: wake(), finalizer=end, name=name
+        )
+
+    def emit(self, item: Y) -> None:
+        if self.fn.closing:
+            raise Closing("the stream's consumer has gone")
+        with self._lock:
+            self._slot = item
+            self._full = True
+            if self._signalled:
+                return
+            self._signalled = True
+        self.fn.call(None)
+
+    def take(self) -> tuple[bool, Y | None]:
+        with self._lock:
+            if not self._full:
+                return False, None
+            item, self._slot = self._slot, None
+            self._full = self._signalled = False
+            return True, item
 
 
 class Stream(Generic[Y, R]):
@@ -93,20 +154,14 @@ class Stream(Generic[Y, R]):
         self._latest = latest
         self._executor = executor
         self._flag = CancelFlag()
-        self._fn: ThreadsafeFunction[Y] | None = None
-        self._worker: asyncio.Future[None] | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._port: Port | None = None
+        self._items: _Queued[Y] | _Latest[Y] | None = None
+        self._worker: Spawned[None] | None = None
+        self._waiter: Event | None = None
         self._ended = False  # the function's finalizer ran: nothing more will arrive
         self._seen_end = False  # the consumer got StopAsyncIteration or the error
         self._error: BaseException | None = None
         self._result: R | None = None
-        # Queue mode: delivered items the consumer has not read (they keep their slots).
-        self._buffer: deque[Y] = deque()
-        # Latest mode: one slot the worker overwrites, and whether a wake-up is queued.
-        self._slot_lock = threading.Lock()
-        self._slot: Y | None = None
-        self._slot_full = False
-        self._signalled = False
 
     @property
     def result(self) -> R:
@@ -118,68 +173,36 @@ class Stream(Generic[Y, R]):
     # -- worker side -------------------------------------------------------------------
 
     def _run_worker(self) -> None:
-        assert self._fn is not None
-        emit = self._emit_latest if self._latest else self._fn.call
+        assert self._items is not None
         try:
             self._result = run_with_flag(
-                self._flag, functools.partial(self._func, emit, *self._args)
+                self._flag, functools.partial(self._func, self._items.emit, *self._args)
             )
         except BaseException as exc:  # re-raised in the consumer, after the items
-            self._error = exc
+            self._error = _reraisable(exc)
         finally:
-            self._fn.release()  # the last producer leaves: drain the rest, then end
-
-    def _emit_latest(self, item: Y) -> None:
-        assert self._fn is not None
-        if self._fn.closing:
-            raise Closing("the stream's consumer has gone")
-        with self._slot_lock:
-            self._slot = item
-            self._slot_full = True
-            if self._signalled:
-                return  # a wake-up is already on its way; it will find this item
-            self._signalled = True
-        self._fn.call(None)  # type: ignore[arg-type]
+            self._items.fn.release()  # the last producer leaves: drain the rest, then end
 
     # -- loop side ---------------------------------------------------------------------
-
-    def _on_item(self, item: Y) -> None:
-        assert self._fn is not None
-        if not self._latest:
-            self._buffer.append(item)
-        self._wake_consumer()
 
     def _on_end(self, _context: object) -> None:
         self._ended = True
         self._wake_consumer()
 
     def _wake_consumer(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def _take(self) -> tuple[bool, Y | None]:
-        if not self._latest:
-            if not self._buffer:
-                return False, None
-            assert self._fn is not None
-            self._fn._consumed()
-            return True, self._buffer.popleft()
-        with self._slot_lock:
-            if not self._slot_full:
-                return False, None
-            latest = self._slot
-            self._slot = None
-            self._slot_full = self._signalled = False
-            return True, latest
+        if self._waiter is not None:
+            self._waiter.set()
 
     def __aiter__(self) -> Stream[Y, R]:
+        if self._seen_end:
+            raise RuntimeError("this stream has ended; a stream can be iterated only once")
         return self
 
     async def __anext__(self) -> Y:
-        if self._fn is None:
+        if self._items is None or self._port is None:
             raise RuntimeError("iterate a stream inside its `async with` block")
         while True:
-            got, item = self._take()
+            got, item = self._items.take()
             if got:
                 return item  # type: ignore[return-value]
             if self._ended:
@@ -187,24 +210,26 @@ class Stream(Generic[Y, R]):
                 if self._error is not None:
                     raise self._error
                 raise StopAsyncIteration
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
+            self._waiter = self._port.event()
+            await self._waiter.wait()
 
     async def __aenter__(self) -> Stream[Y, R]:
-        if self._fn is not None:
+        if self._items is not None:
             raise RuntimeError("a stream can be entered only once")
-        loop = asyncio.get_running_loop()
-        self._fn = ThreadsafeFunction(
-            self._on_item,
-            max_queue_size=0 if self._latest else self._max_queue_size,
-            finalizer=self._on_end,
-            name=f"stream({getattr(self._func, '__qualname__', '?')})",
+        self._port = port = running_port("stream")
+        name = f"stream({getattr(self._func, '__qualname__', '?')})"
+        self._items = (
+            _Latest(self._wake_consumer, self._on_end, name)
+            if self._latest
+            else _Queued(self._wake_consumer, self._max_queue_size, self._on_end, name)
         )
-        self._fn._read_by_consumer()
         try:
-            self._worker = loop.run_in_executor(self._executor, self._run_worker)
+            if self._executor is None:
+                self._worker = port.run_in_worker(self._run_worker)
+            else:
+                self._worker = port.wrap_future(self._executor.submit(self._run_worker))
         except BaseException:
-            self._fn.abort()
+            self._items.fn.abort()
             raise
         return self
 
@@ -214,35 +239,38 @@ class Stream(Generic[Y, R]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        assert self._fn is not None
+        assert self._items is not None
+        assert self._port is not None
         assert self._worker is not None
+        fn = self._items.fn
         if not self._seen_end:
             # The consumer leaves early: the worker's next emit raises Closing.
             self._flag.set()
-            self._fn.abort()
+            fn.abort()
         if isinstance(exc, GeneratorExit):
             # The consuming coroutine is being closed, not run (its loop was closed
             # under it): it cannot await. The worker was told to stop; it is not
             # waited for.
             return
-        cancelled = await _join(self._worker)
-        await _join(asyncio.ensure_future(self._fn.wait_closed()))
+        # The block promises to exit only after the worker has returned, so a
+        # cancelled consumer still waits (the worker has been told to stop).
+        cancelled = await self._port.join_uncancellable(self._worker)
+        cancelled |= await self._port.join_uncancellable(self._port.spawn(fn.wait_closed()))
         if cancelled and exc is None:
-            raise asyncio.CancelledError
+            raise self._port.cancelled_error()
         if exc is None and not self._seen_end and not isinstance(self._error, Closing | None):
             raise self._error  # the worker failed and the consumer never saw it
 
 
-async def _join(future: asyncio.Future[Any]) -> bool:
-    """Wait for `future` even through cancellation; return whether we were cancelled.
+def _reraisable(exc: BaseException) -> BaseException:
+    """`exc`, or a RuntimeError from it if re-raising it would end an iteration.
 
-    The `async with` block promises to exit only after the worker has returned, so a
-    cancelled consumer still waits (the worker has been told to stop).
+    `__anext__` raising StopAsyncIteration (or StopIteration, inside a coroutine)
+    would end the consumer's `async for` as if the stream had ended: as PEP 479 does
+    for generators, it becomes a RuntimeError whose cause is the original.
     """
-    cancelled = False
-    while not future.done():
-        try:
-            await asyncio.wait([future])
-        except asyncio.CancelledError:
-            cancelled = True
-    return cancelled
+    if isinstance(exc, (StopIteration, StopAsyncIteration)):
+        error = RuntimeError(f"the stream's function raised {type(exc).__name__}")
+        error.__cause__ = exc
+        return error
+    return exc

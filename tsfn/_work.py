@@ -8,17 +8,19 @@ while the work waits for a worker; once it runs, the worker may poll
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
+import contextlib
 import enum
 import functools
 import threading
 from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar
 
+from ._asyncio import running_port
 from ._cancel import CancelFlag, run_with_flag
 from ._checks import check_callable, check_name
-from ._loop import LoopPort
+from ._loop import Event, Membership, Port, Spawned
+from ._results import let_through
 
 __all__ = ["AsyncWork", "Status"]
 
@@ -70,10 +72,24 @@ class _Skipped(Exception):
     """Raised in the worker when the gate says the work was cancelled first."""
 
 
-def _gated(gate: _Gate, func: Callable[[], R]) -> R:
-    if not gate.start():
+class _Raised(Exception):
+    """Carries an exception that a loop's future would refuse (StopIteration)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__()
+        self.exc = exc
+
+
+def _job(gate: _Gate | None, flag: CancelFlag, execute: Callable[[Any], R], data: Any) -> R:
+    """What the worker runs: `execute(data)`, unless cancelled first, with `flag` bound."""
+    if gate is not None and not gate.start():
         raise _Skipped
-    return func()
+    try:
+        return run_with_flag(flag, functools.partial(execute, data))
+    except StopIteration as exc:
+        # asyncio refuses StopIteration in a future (it would end a generator);
+        # any other exception travels as itself.
+        raise _Raised(exc) from None
 
 
 class AsyncWork(Generic[D, R]):
@@ -113,9 +129,12 @@ class AsyncWork(Generic[D, R]):
         self._flag = CancelFlag()
         self._gate = _Gate()
         self._executor_future: concurrent.futures.Future[R] | None = None
-        self._result: asyncio.Future[R] | None = None
-        self._port: LoopPort | None = None
+        self._port: Port | None = None
+        self._membership: Membership | None = None
+        self._done: Event | None = None  # set once complete has run
         self._status: Status | None = None
+        self._outcome: BaseException | None = None  # execute's exception
+        self._value: R | None = None
 
     @property
     def name(self) -> str | None:
@@ -134,29 +153,25 @@ class AsyncWork(Generic[D, R]):
 
     def queue(self) -> AsyncWork[D, R]:
         """Schedule the work on its executor. Once only; call it on the loop thread."""
-        if self._result is not None:
+        if self._port is not None:
             raise RuntimeError(f"{self!r} was already queued; an AsyncWork runs once")
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            raise RuntimeError(
-                f"{self!r}: queue() must be called on a running event loop"
-            ) from None
-        job = functools.partial(
-            run_with_flag, self._flag, functools.partial(self._execute, self._data)
-        )
+        port = running_port(f"{self!r}: queue()")
         # Submit first: if the executor refuses (it was shut down), the work stays
         # unqueued and the error goes to the caller; nothing waits on it.
+        done: Spawned[R]
         if self._executor is None:
-            done: asyncio.Future[R] = loop.run_in_executor(None, _gated, self._gate, job)
+            done = port.run_in_worker(
+                functools.partial(_job, self._gate, self._flag, self._execute, self._data)
+            )
         else:
-            self._executor_future = self._executor.submit(job)
-            done = asyncio.wrap_future(self._executor_future, loop=loop)
-        self._port = LoopPort.of(loop)
-        self._result = loop.create_future()
+            self._executor_future = self._executor.submit(
+                _job, None, self._flag, self._execute, self._data
+            )
+            done = port.wrap_future(self._executor_future)
+        self._port = port
+        self._done = port.event()
         done.add_done_callback(self._on_done)
-        self._port.hold()
-        self._port.register(self)
+        self._membership = port.join(self)
         return self
 
     def cancel(self) -> bool:
@@ -175,72 +190,81 @@ class AsyncWork(Generic[D, R]):
             return False
         # The default executor still holds the job and will skip it when a worker
         # frees up; complete now rather than then.
-        self._port.call_soon_threadsafe(self._settle, Status.CANCELLED, None, None)
+        with contextlib.suppress(
+            RuntimeError
+        ):  # a bare loop.close(): nothing can run complete any more
+            self._port.call_soon_threadsafe(functools.partial(self._settle, Status.CANCELLED))
         return True
 
-    def _on_done(self, done: asyncio.Future[R]) -> None:
+    def _on_done(self, done: Spawned[R]) -> None:
         # On the loop thread, once the executor is through with the job.
-        if done.cancelled() or isinstance(done.exception(), _Skipped):
-            self._settle(Status.CANCELLED, None, None)
-        elif (exc := done.exception()) is not None:
-            self._settle(Status.ERROR, None, exc)
+        exc = None if done.cancelled() else done.exception()
+        if done.cancelled() or isinstance(exc, _Skipped):
+            self._settle(Status.CANCELLED)
+        elif exc is not None:
+            self._settle(Status.ERROR, exc.exc if isinstance(exc, _Raised) else exc)
         else:
-            self._settle(Status.OK, done.result(), None)
+            self._value = done.result()
+            self._settle(Status.OK)
 
-    def _settle(self, status: Status, result: R | None, exc: BaseException | None) -> None:
+    def _settle(self, status: Status, exc: BaseException | None = None) -> None:
         """Run `complete`, then wake the awaiters. Loop thread; first call wins."""
-        assert self._result is not None
         assert self._port is not None
+        assert self._done is not None
+        assert self._membership is not None
         if self._status is not None:
             return  # a cancelled job that the default executor skipped only now
         self._status = status
+        self._outcome = exc
         try:
             if self._complete is not None:
                 self._complete(status, self._data)
-        except (KeyboardInterrupt, SystemExit):
-            raise
         except BaseException as error:
+            if let_through(error):
+                raise
             self._port.report(f"Exception in the complete callback of {self!r}", error, work=self)
         finally:
-            self._port.unregister(self)
-            self._port.unhold()
-            if status is Status.CANCELLED:
-                self._result.cancel()
-            elif exc is not None:
-                self._result.set_exception(exc)
-                if self._complete is not None:
-                    # complete() was told (Status.ERROR): no "exception was never
-                    # retrieved" log if nobody awaits the work.
-                    self._result.exception()
-            else:
-                self._result.set_result(result)  # type: ignore[arg-type]
+            self._membership.leave()
+            self._done.set()
+
+    # The loop's shutdown (see _loop.Member): on the loop thread, loop still running.
 
     def _shutdown(self) -> None:
-        # The loop is shutting down: whatever has not started never will, and a
-        # running execute is told through tsfn.cancelled().
+        # Whatever has not started never will; a running execute is told through
+        # tsfn.cancelled(), and waited for, so that complete runs once.
         self.cancel()
         self._flag.set()
+
+    async def _finished(self) -> None:
+        assert self._done is not None
+        await self._done.wait()
 
     def __await__(self) -> Generator[Any, None, R]:
         return self._wait().__await__()
 
     async def _wait(self) -> R:
-        if self._result is None:
+        if self._port is None:
             self.queue()
-        assert self._result is not None
+        assert self._port is not None
+        assert self._done is not None
         try:
-            return await asyncio.shield(self._result)
-        except asyncio.CancelledError:
+            await self._done.wait()
+        except BaseException:
             # The awaiting task was cancelled, not the work: stop the work if it has
             # not started, otherwise let execute see tsfn.cancelled().
-            if not self._result.cancelled() and not self.cancel():
+            if self._status is None and not self.cancel():
                 self._flag.set()
             raise
+        if self._status is Status.CANCELLED:
+            raise self._port.cancelled_error()
+        if self._outcome is not None:
+            raise self._outcome
+        return self._value  # type: ignore[return-value]
 
     def __repr__(self) -> str:
         label = self._name or getattr(self._execute, "__qualname__", "?")
         if self._status is not None:
             state = self._status.value
         else:
-            state = "queued" if self._result is not None else "new"
+            state = "queued" if self._port is not None else "new"
         return f"<AsyncWork {label!r} {state}>"

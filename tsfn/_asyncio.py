@@ -1,0 +1,201 @@
+"""The `Port` of asyncio loops (the default loop, uvloop, any `AbstractEventLoop`).
+
+Shutdown. asyncio has no public "the loop is shutting down" callback. But
+`asyncio.run`, `asyncio.Runner`, `tsfn.run` and uvloop's runner all await
+`loop.shutdown_asyncgens()` while the loop still runs, right before closing it, and it
+closes every async generator the loop's first-iteration hook has seen. So the port
+hands that hook a `_Probe`, which looks enough like an async generator: its
+`aclose()` is our shutdown, awaited on the loop thread with the loop running.
+
+If the loop already ran `shutdown_asyncgens()` (the port is made by a function created
+while the default executor is being shut down, after it), the hook formats a warning
+with the probe's `repr` before it warns; the probe's `__repr__` raises instead, which
+tells us, and no warning is issued (tsfn never touches the process-wide warning state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import sys
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ClassVar, TypeVar
+
+from ._loop import Event, Port, Spawned
+
+__all__ = ["AsyncioPort", "asyncio_run", "port_of", "running_port"]
+
+R = TypeVar("R")
+
+
+class AsyncioPort(Port):
+    """The port of one asyncio event loop."""
+
+    # One port per loop, found by the loop's id (checked against the port's loop).
+    # Held weakly: a port without members may go with its loop (see Port._busy).
+    _ports: ClassVar[weakref.WeakValueDictionary[int, AsyncioPort]] = weakref.WeakValueDictionary()
+    _ports_lock = threading.Lock()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.loop = loop
+        self._probe: _Probe | None = None
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> AsyncioPort:
+        """The port of `loop`, made (and its shutdown hook armed) on first use. Any thread."""
+        with cls._ports_lock:
+            # Ports of loops closed directly (loop.close()) were never shut down, so
+            # they would stay busy forever: let them go now.
+            with Port._busy_lock:
+                Port._busy = {p for p in Port._busy if not p.is_closed()}
+            port = cls._ports.get(id(loop))
+            new = port is None or port.loop is not loop
+            if new:
+                port = cls._ports[id(loop)] = cls(loop)
+        assert port is not None
+        if new and not loop.is_closed():
+            if port.on_loop_thread():
+                port._arm()
+            else:
+                # The hook is armed on the loop thread while the loop runs; if the loop
+                # closes first, there is nothing to arm.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(port._arm)
+        return port
+
+    def _arm(self) -> None:
+        # See the module docstring. The hooks are per thread; on the loop thread,
+        # while it runs, they are the loop's.
+        firstiter = sys.get_asyncgen_hooks().firstiter
+        if self._probe is not None or firstiter is None or self.loop.is_closed():
+            return
+        self._probe = _Probe(self)
+        try:
+            firstiter(self._probe)  # type: ignore[arg-type]  # duck-typed: see above
+        except _LateProbe:
+            self.call_soon(self._shutdown_task)
+
+    def _shutdown_task(self) -> None:
+        self.loop.create_task(self.shutdown())
+
+    @property
+    def token(self) -> asyncio.AbstractEventLoop:
+        return self.loop
+
+    def call_soon_threadsafe(self, callback: Callable[[], object]) -> None:
+        self.loop.call_soon_threadsafe(callback)
+
+    def call_soon(self, callback: Callable[[], object]) -> None:
+        self.loop.call_soon(callback)
+
+    def on_loop_thread(self) -> bool:
+        return asyncio._get_running_loop() is self.loop
+
+    def is_closed(self) -> bool:
+        return self.loop.is_closed()
+
+    def report(self, message: str, exc: BaseException, **extra: Any) -> None:
+        self.loop.call_exception_handler({"message": message, "exception": exc, **extra})
+
+    def event(self) -> Event:
+        return asyncio.Event()
+
+    def spawn(self, awaitable: Awaitable[R]) -> Spawned[R]:
+        return asyncio.ensure_future(awaitable, loop=self.loop)
+
+    def run_in_worker(self, func: Callable[[], R]) -> Spawned[R]:
+        return self.loop.run_in_executor(None, func)
+
+    def wrap_future(self, future: concurrent.futures.Future[R]) -> Spawned[R]:
+        return asyncio.wrap_future(future, loop=self.loop)
+
+    async def join_uncancellable(self, future: Spawned[Any]) -> bool:
+        cancelled = False
+        while not future.done():
+            try:
+                await asyncio.wait([future])  # type: ignore[type-var]
+            except asyncio.CancelledError:
+                cancelled = True
+        return cancelled
+
+    def cancelled_error(self) -> BaseException:
+        return asyncio.CancelledError()
+
+
+class _LateProbe(Exception):
+    """The loop's first-iteration hook formatted the probe: its shutdown has passed."""
+
+
+class _Probe:
+    """Stands in for an async generator in the loop's set of them; see the module doc."""
+
+    __slots__ = ("__weakref__", "_port")
+
+    def __init__(self, port: AsyncioPort) -> None:
+        self._port = port
+
+    def aclose(self) -> Coroutine[Any, Any, None]:
+        return self._port.shutdown()
+
+    def __repr__(self) -> str:
+        raise _LateProbe
+
+
+def running_port(owner: str) -> AsyncioPort:
+    """The port of the running loop, with a clear error if there is none."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError(
+            f"{owner} needs an event loop: create it inside a coroutine running on "
+            "the loop, or pass loop=..."
+        ) from None
+    return AsyncioPort.of(loop)
+
+
+def port_of(loop: object) -> AsyncioPort:
+    """The port of an explicit `loop=` argument, checked."""
+    if not isinstance(loop, asyncio.AbstractEventLoop):
+        raise TypeError(f"loop must be an asyncio event loop or None, got {loop!r}")
+    if loop.is_closed():
+        raise ValueError(f"loop must not be closed, got {loop!r}")
+    return AsyncioPort.of(loop)
+
+
+def asyncio_run(
+    main: Coroutine[Any, Any, R],
+    *,
+    debug: bool | None = None,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+) -> R:
+    """`asyncio.run(main, debug=..., loop_factory=...)` on every Python tsfn supports.
+
+    `asyncio.Runner` (3.11+) takes both arguments; on 3.10 the same steps are taken
+    here, and `debug=None` leaves the loop's debug mode as the environment set it
+    (`PYTHONASYNCIODEBUG`, `-X dev`), as `asyncio.run` does.
+    """
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(debug=debug, loop_factory=loop_factory) as runner:
+            return runner.run(main)
+    loop = (loop_factory or asyncio.new_event_loop)()  # pragma: no cover - 3.10 only
+    try:  # pragma: no cover - 3.10 only
+        asyncio.set_event_loop(loop)
+        if debug is not None:
+            loop.set_debug(debug)
+        return loop.run_until_complete(main)
+    finally:  # pragma: no cover - 3.10 only
+        try:
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            if tasks:  # gather() of nothing would make a future on another loop
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
