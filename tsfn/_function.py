@@ -65,7 +65,7 @@ from typing import Any, Generic, TypeVar, cast
 from ._asyncio import port_of, running_port
 from ._checks import check_callable, check_count, check_name, check_timeout
 from ._lifecycle import Lifecycle, State
-from ._results import Results, SubmitFuture, Submission, let_through
+from ._results import Results, Submission, SubmitFuture, let_through
 
 __all__ = ["ThreadsafeFunction", "reader_bound"]
 

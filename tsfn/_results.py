@@ -18,13 +18,12 @@ import concurrent.futures
 import contextlib
 import functools
 import threading
-from collections.abc import Callable
 from inspect import isawaitable
 from typing import Any, Generic, Protocol, TypeVar
 
 from ._loop import Port, Spawned
 
-__all__ = ["Results", "SubmitFuture", "Submission", "let_through"]
+__all__ = ["Results", "Submission", "SubmitFuture", "let_through"]
 
 T = TypeVar("T")
 
