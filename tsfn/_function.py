@@ -20,13 +20,14 @@ Admission, producer counting and closing live in `_lifecycle.py`; the tasks and
 futures that deliveries leave behind, in `_results.py`; the event loop, behind the
 port of `_loop.py`.
 
-Locking. A bounded queue admits under its lifecycle's lock. An unbounded queue takes
-no lock to append, and this is the hot path: a lock that every producer takes convoys
-under the GIL (threads park on it while its holder waits for the GIL: measured 3x
-slower with 4 producers; see benchmarks/). That path relies on single operations that
-are atomic: `deque.append` / `deque.popleft` (the queue), `list.append` / `list.pop`
-(the wake token), `set.add` / `set.discard` (in-flight markers), and reads of one
-attribute. Two hand-offs make it correct:
+Locking. A bounded queue admits, and takes the wake token, under its lifecycle's
+lock; the drain puts the token back and looks at the queue again under it too. An
+unbounded queue with the GIL takes no lock, and this is the hot path: a lock that
+every producer takes convoys under the GIL (threads park on it while its holder waits
+for the GIL: measured 3x slower with 4 producers; see benchmarks/). That path relies
+on single operations that are atomic: `deque.append` / `deque.popleft` (the queue),
+`list.append` / `list.pop` (the wake token), `set.add` / `set.discard` (in-flight
+markers), and reads of one attribute. Two hand-offs make it correct:
 
 - The wake token is a list holding one `None` while no drain is pending. Producers
   append their item, then `pop` the token: one wins and schedules the drain. The
@@ -40,8 +41,12 @@ attribute. Two hand-offs make it correct:
   before it finalizes, so no item can land in the queue after its last look.
 
 Both are store-then-load on two objects by each side (the classic store-buffer
-pattern), so each needs the two sides' operations in one total order. With the GIL
-they are. Without it (free-threaded CPython) see docs/guarantees.md for what holds.
+pattern), so each needs the two sides' operations in one total order. The GIL gives
+one. Free-threaded CPython does not: each object's critical section is its own lock,
+and `bool(list)` and `bool(set)` are relaxed loads that take none (3.13's
+`PyList_GET_SIZE`, `set_len`), so on a weakly ordered CPU (ARM64) both sides could read
+stale values: a lost wake-up, or an item appended after the last look. Without the
+GIL, then, an unbounded queue takes the locked path too, and the lock orders it all.
 
 An interrupt (KeyboardInterrupt, or any asynchronous exception) can land in a
 producer between any two operations; the markers and the token are taken inside
@@ -56,6 +61,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sized
@@ -164,6 +170,8 @@ class ThreadsafeFunction(Generic[T]):
             loop_closed=port.is_closed,
             on_loop_thread=port.on_loop_thread,
         )
+        # The unlocked path: unbounded, and a GIL to order its two hand-offs (see above).
+        self._lock_free = not max_queue_size and _gil_enabled()
         # Bounded: the queue length at which a drain wakes blocked producers.
         self._low_water = max_queue_size // 2 if max_queue_size else -1
 
@@ -190,25 +198,29 @@ class ThreadsafeFunction(Generic[T]):
         if timeout is not None:
             timeout = check_timeout(timeout)
         life = self._life
-        if life.max_size:
-            life.admit(self, self._queue.append, data, block, timeout)
-        else:
-            if life.state is not _OPEN:  # refused without marking: see _wait_for_inflight
-                raise life.closing_error(self)
-            marker = object()
-            inflight = self._inflight
-            try:
-                inflight.add(marker)
-                life.refuse_if_closing(self)
-                self._queue.append(data)
-            finally:
-                inflight.discard(marker)
+        if not self._lock_free:
+            # Admitted, and the wake token taken, under the lifecycle's lock.
+            life.admit(self, self._queue.append, data, block, timeout, self._wake_if_idle)
+            return
+        if life.state is not _OPEN:  # refused without marking: see _wait_for_inflight
+            raise life.closing_error(self)
+        marker = object()
+        inflight = self._inflight
+        try:
+            inflight.add(marker)
+            life.refuse_if_closing(self)
+            self._queue.append(data)
+        finally:
+            inflight.discard(marker)
+        self._wake_if_idle()
+
+    def _wake_if_idle(self) -> None:
         # No drain pending (the token is there): try to be the one who schedules it.
         if self._wake_token and not self._wake() and not self._finalizing:
             # The loop was closed under us. Had it shut down properly, the function
             # would have finalized, handing our item to call_js first; it did not (a
             # bare loop.close()): the item stays with the caller.
-            raise life.closing_error(self)
+            raise self._life.closing_error(self)
 
     def call_nowait(self, data: T = None) -> None:  # type: ignore[assignment]
         """`call(data, block=False)`: queue `data` or raise `QueueFull` at once."""
@@ -336,15 +348,17 @@ class ThreadsafeFunction(Generic[T]):
             self._port.call_soon(self._drain)
         else:
             # Put the token back first, then look again: an item appended since our
-            # last look is either seen now or its producer finds the token.
+            # last look is either seen now or its producer finds the token. Under the
+            # lock that locked producers take the token under (see "Locking").
             token = self._wake_token
-            if not token:
-                token.append(None)
-            if queue:
-                with contextlib.suppress(IndexError):
+            with life.lock:
+                if not token:
+                    token.append(None)
+                if queue:
                     token.pop()
                     self._port.call_soon(self._drain)
-            elif life.state is not _OPEN:
+                    return
+            if life.state is not _OPEN:
                 self._maybe_finish()
 
     def _report(self, what: str, exc: BaseException) -> None:
@@ -514,6 +528,12 @@ class ThreadsafeFunction(Generic[T]):
             f"<ThreadsafeFunction {label!r} {state} threads={self._life.threads} "
             f"queued={len(self._queue)}>"
         )
+
+
+def _gil_enabled() -> bool:
+    # Free-threaded builds (3.13t) can run with or without the GIL: ask.
+    is_enabled: Callable[[], bool] | None = getattr(sys, "_is_gil_enabled", None)
+    return is_enabled is None or is_enabled()
 
 
 def reader_bound(

@@ -1,6 +1,6 @@
 """Admission and lifecycle of a ThreadsafeFunction: producers, slots, closing.
 
-One `threading.Lock` guards it all: the producer count (`acquire` / `release`), the
+One lock guards it all: the producer count (`acquire` / `release`), the
 closing state, and, for a bounded queue, admission (room for one more item) with a
 `Condition` for callers waiting for room. Producers of an unbounded queue never take
 the lock: they read `state` without it (see `_function.py`'s docstring).
@@ -58,7 +58,9 @@ class Lifecycle:
         loop_closed: Callable[[], bool],
         on_loop_thread: Callable[[], bool],
     ) -> None:
-        self.lock = threading.Lock()
+        # Reentrant: `admit` wakes the loop under it, and a wake-up that finds the loop
+        # closed moves the state (`lose_loop`) under it too.
+        self.lock = threading.RLock()
         self._not_full = threading.Condition(self.lock)
         self.state = State.OPEN  # written under the lock, read anywhere
         self.threads = threads
@@ -129,13 +131,18 @@ class Lifecycle:
         data: Any,
         block: bool,
         timeout: float | None,
+        wake: Callable[[], None],
     ) -> None:
-        """`append(data)` once there is room; see `ThreadsafeFunction.call`."""
+        """`append(data)` once there is room, then `wake()`, all under the lock.
+
+        See `ThreadsafeFunction.call`; an unbounded queue (`max_size` 0) never waits.
+        """
         with self.lock:
             self.refuse_if_closing(who)
-            if self._occupied() >= self.max_size:
+            if self.max_size and self._occupied() >= self.max_size:
                 self._wait_for_room(who, block, timeout)
             append(data)
+            wake()
 
     def _wait_for_room(self, who: object, block: bool, timeout: float | None) -> None:
         # With the lock held and no room; returns with room for one item.
