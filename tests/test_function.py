@@ -989,7 +989,7 @@ async def test_a_call_that_passed_the_closing_check_lands_before_abort_discards(
         call_js=call_js, finalizer=lambda _: go.set()
     )
     fn._inflight = _InflightWithAHook(loop_thread, go)
-    real_is_closed = fn._life._loop_closed
+    real_is_closed = fn._loop_closed
 
     def is_closed_then_stall() -> bool:
         closed = real_is_closed()
@@ -998,7 +998,7 @@ async def test_a_call_that_passed_the_closing_check_lands_before_abort_discards(
             go.wait(WAIT)
         return closed
 
-    fn._life._loop_closed = is_closed_then_stall
+    fn._loop_closed = is_closed_then_stall
     producer = start(lambda: fn.call("in flight"))
     assert checked.wait(WAIT)
     fn.abort()

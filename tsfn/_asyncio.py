@@ -43,6 +43,11 @@ class AsyncioPort(Port):
         super().__init__()
         self.loop = loop
         self._probe: _Probe | None = None
+        # The data path calls these once per call or per batch: the loop's own
+        # methods, with no frame of ours around them.
+        self.call_soon_threadsafe = loop.call_soon_threadsafe  # type: ignore[method-assign,assignment]
+        self.call_soon = loop.call_soon  # type: ignore[method-assign,assignment]
+        self.is_closed = loop.is_closed  # type: ignore[method-assign]
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> AsyncioPort:

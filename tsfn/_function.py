@@ -172,6 +172,7 @@ class ThreadsafeFunction(Generic[T]):
         )
         # The unlocked path: unbounded, and a GIL to order its two hand-offs (see above).
         self._lock_free = not max_queue_size and _gil_enabled()
+        self._loop_closed = port.is_closed
         # Bounded: the queue length at which a drain wakes blocked producers.
         self._low_water = max_queue_size // 2 if max_queue_size else -1
 
@@ -200,27 +201,32 @@ class ThreadsafeFunction(Generic[T]):
         life = self._life
         if not self._lock_free:
             # Admitted, and the wake token taken, under the lifecycle's lock.
-            life.admit(self, self._queue.append, data, block, timeout, self._wake_if_idle)
-            return
-        if life.state is not _OPEN:  # refused without marking: see _wait_for_inflight
-            raise life.closing_error(self)
-        marker = object()
-        inflight = self._inflight
-        try:
-            inflight.add(marker)
-            life.refuse_if_closing(self)
-            self._queue.append(data)
-        finally:
-            inflight.discard(marker)
-        self._wake_if_idle()
-
-    def _wake_if_idle(self) -> None:
-        # No drain pending (the token is there): try to be the one who schedules it.
-        if self._wake_token and not self._wake() and not self._finalizing:
+            if life.admit(self, self._queue.append, data, block, timeout, self._wake_if_idle):
+                return
+        else:
+            if life.state is not _OPEN:  # refused without marking: see _wait_for_inflight
+                raise life.closing_error(self)
+            marker = object()
+            inflight = self._inflight
+            try:
+                inflight.add(marker)
+                if life.state is not _OPEN or self._loop_closed():
+                    raise life.closing_error(self)
+                self._queue.append(data)
+            finally:
+                inflight.discard(marker)
+            if not self._wake_token or self._wake():
+                return
+            life.lose_loop()
+        if not self._finalizing:
             # The loop was closed under us. Had it shut down properly, the function
             # would have finalized, handing our item to call_js first; it did not (a
             # bare loop.close()): the item stays with the caller.
-            raise self._life.closing_error(self)
+            raise life.closing_error(self)
+
+    def _wake_if_idle(self) -> bool:
+        """Schedule a drain unless one is pending; False if the loop is closed."""
+        return not self._wake_token or self._wake()
 
     def call_nowait(self, data: T = None) -> None:  # type: ignore[assignment]
         """`call(data, block=False)`: queue `data` or raise `QueueFull` at once."""
@@ -264,8 +270,8 @@ class ThreadsafeFunction(Generic[T]):
         `Closing` if the count is already zero (released more than acquired).
         Allowed after `abort` while producers remain, as in Node-API.
         """
-        if self._life.release(self):
-            self._wake()  # deliver what is queued, then finalize
+        if self._life.release(self) and not self._wake():  # deliver what is queued, then finalize
+            self._life.lose_loop()
 
     def abort(self) -> None:
         """Close now. Idempotent.
@@ -275,8 +281,8 @@ class ThreadsafeFunction(Generic[T]):
         data)`` (when `call_js` was given), so what they hold can be released; then
         the finalizer runs, on the loop thread.
         """
-        if self._life.abort():
-            self._wake()
+        if self._life.abort() and not self._wake():
+            self._life.lose_loop()
 
     def _wake(self) -> bool:
         """Schedule a drain unless one is pending; False if the loop is closed."""
@@ -287,7 +293,6 @@ class ThreadsafeFunction(Generic[T]):
         except IndexError:
             pass  # the token was taken: that drain will look at the queue and state
         except RuntimeError:  # a bare loop.close(): nothing will drain or finalize
-            self._life.lose_loop()
             return False
         except BaseException:
             # Interrupted holding the token: schedule anyway (an extra drain is

@@ -58,9 +58,7 @@ class Lifecycle:
         loop_closed: Callable[[], bool],
         on_loop_thread: Callable[[], bool],
     ) -> None:
-        # Reentrant: `admit` wakes the loop under it, and a wake-up that finds the loop
-        # closed moves the state (`lose_loop`) under it too.
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()
         self._not_full = threading.Condition(self.lock)
         self.state = State.OPEN  # written under the lock, read anywhere
         self.threads = threads
@@ -131,18 +129,24 @@ class Lifecycle:
         data: Any,
         block: bool,
         timeout: float | None,
-        wake: Callable[[], None],
-    ) -> None:
+        wake: Callable[[], bool],
+    ) -> bool:
         """`append(data)` once there is room, then `wake()`, all under the lock.
 
         See `ThreadsafeFunction.call`; an unbounded queue (`max_size` 0) never waits.
+        Returns False if the wake-up found the loop closed (then closing, for callers).
         """
         with self.lock:
-            self.refuse_if_closing(who)
+            if self.state is not State.OPEN or self._loop_closed():
+                raise self.closing_error(who)
             if self.max_size and self._occupied() >= self.max_size:
                 self._wait_for_room(who, block, timeout)
             append(data)
-            wake()
+            if wake():
+                return True
+            if self.state is State.OPEN:
+                self._close(State.CLOSING)
+            return False
 
     def _wait_for_room(self, who: object, block: bool, timeout: float | None) -> None:
         # With the lock held and no room; returns with room for one item.
