@@ -21,7 +21,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-EXTRAS = "test,bench,docs,examples"
+# What every command's venv gets: tsfn itself (editable), the extra its examples need,
+# and every development tool (pyproject.toml's PEP 735 `dev` group).
+INSTALL = ("-e", ".[examples]", "--group", "dev")
 
 
 def _run(*cmd: str | Path) -> None:
@@ -43,7 +45,9 @@ def _venv(python: str) -> Path:
     if not venv_python.exists():
         _run(python, "-m", "venv", venv)
         _run(venv_python, "-m", "pip", "install", "-q", "--upgrade", "pip")
-    _run(venv_python, "-m", "pip", "install", "-q", "-e", f".[{EXTRAS}]")
+    # `--group` needs pip 25.1; this is a no-op (and offline) once pip is that new.
+    _run(venv_python, "-m", "pip", "install", "-q", "pip>=25.1")
+    _run(venv_python, "-m", "pip", "install", "-q", *INSTALL)
     return venv_python
 
 
