@@ -33,6 +33,14 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(180)
 
 
+def mkdocs_setting(name: str) -> str:
+    """A top-level `name: value` of mkdocs.yml (which plain YAML loaders refuse to read)."""
+    text = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    found = re.search(rf"^{name}: (\S+)$", text, re.MULTILINE)
+    assert found is not None, f"mkdocs.yml sets no {name}"
+    return found[1]
+
+
 # -- names -----------------------------------------------------------------------------
 
 
@@ -159,7 +167,8 @@ def test_wheel_and_sdist_carry_the_license(dist: Path) -> None:
         top = sdist.getnames()[0].split("/")[0]
         pkg_info = sdist.extractfile(f"{top}/PKG-INFO")
         licence = sdist.extractfile(f"{top}/LICENSE")
-        assert pkg_info is not None and licence is not None
+        assert pkg_info is not None
+        assert licence is not None
         assert email.message_from_bytes(pkg_info.read()).get_all("License-File") == ["LICENSE"]
         assert licence.read() == license_text
 
@@ -181,11 +190,8 @@ def test_project_urls_agree_with_the_site(dist: Path) -> None:
         label, _, url = entry.partition(",")
         urls[label.strip()] = url.strip()
     assert {"Homepage", "Documentation", "Source", "Issues", "Changelog"} <= set(urls)
-    mkdocs = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
-    site_url = re.search(r"^site_url: (\S+)$", mkdocs, re.MULTILINE)
-    repo_url = re.search(r"^repo_url: (\S+)$", mkdocs, re.MULTILINE)
-    assert site_url is not None and repo_url is not None, "mkdocs.yml sets no site_url/repo_url"
-    assert urls["Documentation"] == site_url[1]
-    assert urls["Source"] == repo_url[1]
-    assert urls["Issues"] == repo_url[1] + "/issues"
-    assert urls["Changelog"] == site_url[1] + "changelog/"
+    site_url, repo_url = mkdocs_setting("site_url"), mkdocs_setting("repo_url")
+    assert urls["Documentation"] == urls["Homepage"] == site_url
+    assert urls["Source"] == repo_url
+    assert urls["Issues"] == repo_url + "/issues"
+    assert urls["Changelog"] == site_url + "changelog/"
