@@ -9,6 +9,8 @@ px, a common laptop screen. On every page:
   `tsfn.ThreadsafeFunction`) is broken across lines;
 - nothing is fetched from another host: the site renders offline, behind a proxy, or
   from an archived copy;
+- no text names a private module (`tsfn._function`): the API reference, like reprs
+  and tracebacks, says `tsfn.ThreadsafeFunction`;
 - every ```` ```mermaid ```` diagram of the page's source is drawn as an SVG (with its
   state names in it), and none is left as raw `stateDiagram-v2` text.
 
@@ -52,7 +54,7 @@ pytestmark = [
 # `expected` mermaid diagrams are drawn, then measures what a reader would see.
 # material replaces each <pre class="mermaid"> by a <div class="mermaid"> holding
 # the SVG in a closed shadow root; the test reads that SVG through the protocol.
-MEASURE = """
+MEASURE = r"""
 async (expected, timeout) => {
   const start = Date.now();
   const drawn = () => document.querySelectorAll("div.mermaid").length;
@@ -60,11 +62,12 @@ async (expected, timeout) => {
     await new Promise((resolve) => setTimeout(resolve, 50));
   }
   const wider = (el) => el.scrollWidth > el.clientWidth + 1;
-  const line = (el) => (el.textContent || "").split("\\n")[0].slice(0, 100);
+  const line = (el) => (el.textContent || "").split("\n")[0].slice(0, 100);
   return {
     drawn: drawn(),
     raw: [...document.querySelectorAll("pre.mermaid")].map(line),
     rawText: document.body.innerText.includes("stateDiagram-v2"),
+    privateNames: [...new Set(document.body.innerText.match(/\btsfn\._[a-z]\w*/g) || [])],
     codeTooWide: [...document.querySelectorAll(".md-content pre > code")]
       .filter(wider)
       .map((el) => `${el.scrollWidth} px > ${el.clientWidth} px: ${line(el)}`),
@@ -72,7 +75,7 @@ async (expected, timeout) => {
       .filter(wider)
       .map((el) => `${el.scrollWidth} px > ${el.clientWidth} px: ${line(el)}`),
     brokenNames: [...document.querySelectorAll(".md-content td code, .md-content th code")]
-      .filter((el) => !/\\s/.test(el.textContent) && el.getClientRects().length > 1)
+      .filter((el) => !/\s/.test(el.textContent) && el.getClientRects().length > 1)
       .map((el) => el.textContent),
     diagramHeights: [...document.querySelectorAll("div.mermaid")].map(
       (el) => el.getBoundingClientRect().height
@@ -199,7 +202,7 @@ def test_every_page_renders_within_its_column_offline(
         expected = mermaid_diagrams(SOURCES[path])
         seen = browser.evaluate(f"({MEASURE})({len(expected)}, 20000)")
         found: dict[str, Any] = {}
-        for key in ("raw", "codeTooWide", "tablesTooWide", "brokenNames"):
+        for key in ("raw", "codeTooWide", "tablesTooWide", "brokenNames", "privateNames"):
             if seen[key]:
                 found[key] = seen[key]
         if seen["rawText"]:
