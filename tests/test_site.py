@@ -191,6 +191,40 @@ def _svg_texts(browser: Chromium, index: int) -> list[str]:
     return texts
 
 
+def _problems(browser: Chromium, base_url: str, path: str) -> dict[str, Any]:
+    """What is wrong with the page at `path`, as a reader would see it; {} if nothing."""
+    browser.navigate(base_url + path)
+    diagrams = mermaid_diagrams(SOURCES[path])
+    seen = browser.evaluate(f"({MEASURE})({len(diagrams)}, 20000)")
+    found = {
+        key: seen[key]
+        for key in ("raw", "codeTooWide", "tablesTooWide", "brokenNames", "privateNames")
+        if seen[key]
+    }
+    if seen["rawText"]:
+        found["rawText"] = "the page shows 'stateDiagram-v2' as text"
+    if seen["drawn"] != len(diagrams):
+        found["diagrams"] = f"{seen['drawn']} drawn, {len(diagrams)} in the source"
+    else:
+        for index, source in enumerate(diagrams):
+            # A real drawing, not mermaid's "syntax error" picture: every state that
+            # the source names is written in the SVG.
+            missing = set(re.findall(r"^\s*(\w+) -->", source, re.M)) - set(
+                _svg_texts(browser, index)
+            )
+            if missing or seen["diagramHeights"][index] < 50:
+                found[f"diagram {index}"] = f"missing {missing}, {seen['diagramHeights']}"
+    elsewhere = {
+        event["params"]["request"]["url"]
+        for event in browser.events
+        if event.get("method") == "Network.requestWillBeSent"
+        and not event["params"]["request"]["url"].startswith((base_url, "data:", "blob:"))
+    }
+    if elsewhere:
+        found["fetched from elsewhere"] = sorted(elsewhere)
+    return found
+
+
 def test_every_page_renders_within_its_column_offline(
     site: Path, base_url: str, browser: Chromium, tmp_path: Path
 ) -> None:
@@ -198,37 +232,9 @@ def test_every_page_renders_within_its_column_offline(
     assert len(pages) >= 10
     problems: dict[str, Any] = {}
     for path in pages:
-        browser.navigate(base_url + path)
-        expected = mermaid_diagrams(SOURCES[path])
-        seen = browser.evaluate(f"({MEASURE})({len(expected)}, 20000)")
-        found: dict[str, Any] = {}
-        for key in ("raw", "codeTooWide", "tablesTooWide", "brokenNames", "privateNames"):
-            if seen[key]:
-                found[key] = seen[key]
-        if seen["rawText"]:
-            found["rawText"] = "the page shows 'stateDiagram-v2' as text"
-        if seen["drawn"] != len(expected):
-            found["diagrams"] = f"{seen['drawn']} drawn, {len(expected)} in the source"
-        elif expected:
-            for index, source in enumerate(expected):
-                # Every state the source names is written in the SVG.
-                states = set(re.findall(r"^\s*(\w+) -->", source, re.M)) - {"direction"}
-                missing = states - set(_svg_texts(browser, index))
-                if missing or seen["diagramHeights"][index] < 50:
-                    found[f"diagram {index}"] = f"missing {missing}, {seen['diagramHeights']}"
-        elsewhere = sorted(
-            {
-                event["params"]["request"]["url"]
-                for event in browser.events
-                if event.get("method") == "Network.requestWillBeSent"
-                and not event["params"]["request"]["url"].startswith((base_url, "data:", "blob:"))
-            }
-        )
-        if elsewhere:
-            found["fetched from elsewhere"] = elsewhere
+        found = _problems(browser, base_url, path)
         if found:
             name = path.strip("/").replace("/", "-") or "index"
-            shot = browser.screenshot(tmp_path / f"{name}.png")
-            found["screenshot"] = str(shot)
+            found["screenshot"] = str(browser.screenshot(tmp_path / f"{name}.png"))
             problems[path or "/"] = found
     assert not problems, "\n".join(f"{page}: {found}" for page, found in problems.items())
