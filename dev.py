@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-EXTRAS = "test,bench,docs,examples"
+# What every command's venv gets: tsfn itself (editable), the extra its examples need,
+# and every development tool (pyproject.toml's PEP 735 `dev` group).
+INSTALL = ("-e", ".[examples]", "--group", "dev")
 
 
 def _run(*cmd: str | Path) -> None:
@@ -43,8 +46,30 @@ def _venv(python: str) -> Path:
     if not venv_python.exists():
         _run(python, "-m", "venv", venv)
         _run(venv_python, "-m", "pip", "install", "-q", "--upgrade", "pip")
-    _run(venv_python, "-m", "pip", "install", "-q", "-e", f".[{EXTRAS}]")
+    # `--group` needs pip 25.1; this is a no-op (and offline) once pip is that new.
+    _run(venv_python, "-m", "pip", "install", "-q", "pip>=25.1")
+    _run(venv_python, "-m", "pip", "install", "-q", *INSTALL)
     return venv_python
+
+
+def _install_chromium() -> None:
+    """Install Debian's `chromium` when no Chromium is on PATH; say so where it cannot."""
+    if any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")):
+        return
+    if os.name != "posix" or os.geteuid() != 0 or not shutil.which("apt-get"):
+        print(
+            "chromium: missing, and only root with apt-get installs it here: "
+            "tests/test_site.py will be skipped",
+            flush=True,
+        )
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
+            print("+", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    except subprocess.CalledProcessError as exc:
+        print(f"chromium: {exc}: tests/test_site.py will be skipped", flush=True)
 
 
 def _test(python: Path, pytest_args: list[str]) -> None:
@@ -58,6 +83,7 @@ def _test(python: Path, pytest_args: list[str]) -> None:
         print("docs: built on Python 3.11+ only", flush=True)
     else:
         _run(python, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", ROOT / "site")
+        _install_chromium()  # tests/test_site.py looks at the site in it
     # Development mode (-X dev: resource warnings, debug hooks) and asyncio's debug
     # mode (thread checks in call_soon, slow-callback logs) catch misuse early.
     os.environ["PYTHONASYNCIODEBUG"] = "1"

@@ -1,6 +1,6 @@
 """tsfn's benchmarks: tsfn against every peer, in one run, with ratios.
 
-Run ``python3 dev.py bench`` (or ``python -m benchmarks`` with the ``bench`` extra
+Run ``python3 dev.py bench`` (or ``python -m benchmarks`` with the ``bench`` dependency group
 installed); ``--help`` lists the options. The modules, one per concern:
 
 - `_peers`: the bridges, i.e. tsfn and each peer used the way its users would;

@@ -1,15 +1,17 @@
 """The tutorial's program: a long search on worker threads streams each hit to the loop.
 
-    python examples/stream_search.py [PATTERN] [--root DIR] [--variant napi|stream]
+    python examples/stream_search.py [PATTERN] [--root DIR] [--variant stream|napi]
 
 It searches the Python files under DIR (default: the standard library) for PATTERN, a
 regular expression, and prints each matching line as soon as a worker thread finds it.
 Meanwhile a heartbeat task on the event loop ticks every 10 ms, to show that the loop
 never stalls.
 
---variant napi     the Node-API C pattern: a ThreadsafeFunction and one AsyncWork per
-                   worker thread; acquire, call, release, finalizer (tutorial, part 1)
---variant stream   the same search with tsfn.stream, in ten lines (tutorial, part 2)
+--variant stream   the search with tsfn.stream, in ten lines (the default; tutorial,
+                   part 1)
+--variant napi     the same search in the Node-API C pattern: a ThreadsafeFunction and
+                   one AsyncWork per worker thread; acquire, call, release, finalizer
+                   (tutorial, part 2)
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def search_file(path: Path, pattern: re.Pattern[str]) -> list[str]:
 async def search_napi(
     pattern: re.Pattern[str], files: list[Path], workers: int, show: Callable[[str], None]
 ) -> None:
-    """Part 1: Node-API's pattern, each step named after the C call it stands for."""
+    """Part 2: Node-API's pattern, each step named after the C call it stands for."""
 
     # napi_create_threadsafe_function(env, NULL, ..., max_queue_size=256,
     #     initial_thread_count=1, ...): the one initial producer is this, the loop
@@ -95,7 +97,7 @@ def search(emit: Callable[[str], None], pattern: re.Pattern[str], files: list[Pa
 async def search_stream(
     pattern: re.Pattern[str], files: list[Path], show: Callable[[str], None]
 ) -> None:
-    """Part 2: the same search with tsfn.stream."""
+    """Part 1: the search with tsfn.stream."""
     async with tsfn.stream(search, pattern, files) as hits:
         async for hit in hits:  # on the loop thread, in the order they were found
             show(hit)
@@ -151,7 +153,7 @@ def cli(argv: list[str] | None = None) -> None:
         default=Path(sysconfig.get_paths()["stdlib"]),
         help="directory to search (default: the standard library)",
     )
-    parser.add_argument("--variant", choices=["napi", "stream"], default="napi")
+    parser.add_argument("--variant", choices=["stream", "napi"], default="stream")
     parser.add_argument("--workers", type=int, default=4, help="worker threads (napi variant)")
     parser.add_argument("--show", type=int, default=10, help="how many hits to print")
     args = parser.parse_args(argv)

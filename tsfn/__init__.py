@@ -26,3 +26,11 @@ __all__ = [
     "run",
     "stream",
 ]
+
+# Each public object says it is `tsfn.X`, not the private module that defines it: in
+# reprs (`<class 'tsfn.Closing'>`), tracebacks (`tsfn.Closing: ...`), pickles and
+# documentation tools. Every one of them is importable from here, so pickles made
+# this way load anywhere. (trio does the same, for the same reason.)
+for _name in __all__:
+    globals()[_name].__module__ = __name__
+del _name
