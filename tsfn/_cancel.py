@@ -35,7 +35,8 @@ _local = threading.local()
 
 
 class _State(enum.Enum):
-    PENDING = "pending"  # registered; runs if the flag is set
+    PENDING = "pending"  # registered; runs if the flag is set while the worker runs
+    QUEUED = "queued"  # the flag was set: the hooks thread will run it
     RUNNING = "running"
     DONE = "done"  # ran (raised or not)
     REMOVED = "removed"  # removed before it ran, or its work returned first: never runs
@@ -59,6 +60,12 @@ class CancelFlag:
         self._hooks: dict[CancelHook, None] = {}
         self._ended = False  # the worker has returned: no more hooks, none left to run
 
+    def __reduce__(self) -> tuple[Callable[[bool], CancelFlag], tuple[bool]]:
+        # A job sent to a process pool carries its flag: the copy there has the same
+        # state and no hooks (none can be registered here for a job that runs there),
+        # and nothing sets it: in another process, the work is never told (yet).
+        return _copied_flag, (self.is_set,)
+
     def set(self) -> None:
         """Cancel: wake the waiters and run the hooks on a helper thread. Idempotent."""
         with self._changed:
@@ -66,6 +73,8 @@ class CancelFlag:
                 return
             self.is_set = True
             hooks = list(self._hooks)
+            for hook in hooks:
+                hook._state = _State.QUEUED  # from now on the worker's return waits for it
             self._changed.notify_all()
         if not hooks:
             return
@@ -97,7 +106,7 @@ class CancelFlag:
 
     def remove(self, hook: CancelHook) -> bool:
         with self._changed:
-            if hook._state is _State.PENDING:
+            if hook._state in (_State.PENDING, _State.QUEUED):
                 hook._state = _State.REMOVED
                 del self._hooks[hook]
                 return True
@@ -106,17 +115,29 @@ class CancelFlag:
             return False
 
     def end(self) -> None:
-        """The worker returns: drop the hooks that have not run; wait for a running one.
+        """The worker returns: drop the hooks never triggered; wait for the others.
 
         So a hook never runs after its worker has returned (a consumer that leaves a
         stream after its worker finished sets the flag too), and the block waiting for
-        the worker is not left while a hook still works on the library.
+        the worker is not left while a hook still works on the library. Hooks the flag
+        triggered before (the worker may well return *because* one of them stopped its
+        library) still run, and the worker's return waits for them.
         """
+        me = threading.get_ident()
         with self._changed:
             self._ended = True
-            hooks = list(self._hooks)
-        for hook in hooks:
-            self.remove(hook)
+            for hook in list(self._hooks):
+                if hook._state is _State.PENDING:
+                    hook._state = _State.REMOVED
+                    del self._hooks[hook]
+            # The worker itself may be running a hook it added after the cancellation.
+            self._changed.wait_for(lambda: all(h._thread == me for h in self._hooks))
+
+
+def _copied_flag(is_set: bool) -> CancelFlag:
+    flag = CancelFlag()
+    flag.is_set = is_set
+    return flag
 
 
 class CancelHook:
@@ -132,9 +153,9 @@ class CancelHook:
         self._thread: int | None = None  # the thread running it, while it runs
 
     def remove(self) -> bool:
-        """Unregister the hook; return True if it had not run (now it never will).
+        """Unregister the hook; return True if it had not started (now it never will).
 
-        False: it has run, or its worker returned first. If it is running on the hooks
+        False: it has run (or is running), or its worker returned first. If it is running on the hooks
         thread right now, `remove()` first waits for it to return, so after `remove()`
         the hook is not running and never will be. (Do not call `remove()` from code
         the hook itself waits for; a hook may remove itself.)
@@ -155,7 +176,7 @@ class CancelHook:
     def _run(self) -> None:
         """On the hooks thread: run unless removed while the hooks before it ran."""
         with self._flag._changed:
-            if self._state is not _State.PENDING:
+            if self._state is not _State.QUEUED:
                 return
             self._claim()
         self._call(report=True)
@@ -235,9 +256,12 @@ class CancelToken:
           prints it), and the next hook still runs.
         - If the work is already cancelled, `callback` runs at once, in the calling
           thread, before `on_cancel` returns, and its exception propagates.
-        - When the worker returns, hooks that have not run are dropped (they never
-          run), and a hook still running is waited for. Remove a hook yourself (the
-          `with` form) once the library it would stop has stopped anyway.
+        - When the worker returns (or raises), hooks the work's cancellation has not
+          triggered are dropped: they never run. Hooks it has triggered run all the
+          same, and the worker's return waits for them (a worker often returns
+          *because* a hook stopped its library), so the `stream` block, or the
+          AsyncWork's `complete`, comes after them. Remove a hook yourself (the `with`
+          form) as soon as the library it would stop has stopped anyway.
 
         Raises `TypeError` if `callback` is not callable, and `RuntimeError` after the
         worker has returned.
@@ -270,8 +294,10 @@ def cancel_token() -> CancelToken:
     `tsfn.cancelled()` returns there, and it turns True at the same moments.
 
     Raises `RuntimeError` anywhere else (the loop thread, a thread of your own, a
-    worker running in another process): a token that could never be cancelled would
-    let a hook that was meant to stop a library silently never run.
+    pool thread between works): a token that could never be cancelled would let a
+    hook meant to stop a library silently never run. One exception, for now: in a
+    worker *process* (`executor=` a process pool) the token exists but, like
+    `tsfn.cancelled()` there, is never cancelled.
     """
     token: CancelToken | None = getattr(_local, "token", None)
     if token is None:
@@ -285,8 +311,8 @@ def cancel_token() -> CancelToken:
 def run_with_flag(flag: CancelFlag, func: Callable[[], R]) -> R:
     """Run `func()` with `flag` bound to this thread for `cancelled()` and `cancel_token()`.
 
-    When `func` returns (or raises), the flag's hooks that have not run are dropped,
-    and one still running is waited for.
+    When `func` returns (or raises), the hooks the flag has not triggered are dropped,
+    and the triggered ones are waited for (`CancelFlag.end`).
     """
     previous = getattr(_local, "flag", None), getattr(_local, "token", None)
     _local.flag, _local.token = flag, CancelToken(flag)
