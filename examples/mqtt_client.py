@@ -7,12 +7,12 @@ there, once per message. That thread also answers the broker's keepalive pings, 
 it must never wait for the loop: a thread that sat in a blocking `call` past the
 keepalive got the client disconnected by the broker, and its QoS 1 messages lost.
 
-So `on_message` hands each message over with `submit(..., block=False)` to an
-*unbounded* `ThreadsafeFunction`, and never waits. The bound is the protocol's: with
+So `on_message` hands each message over with `call_nowait` to an *unbounded*
+`ThreadsafeFunction`, and never waits. The bound is the protocol's: with
 `manual_ack=True` a message is acknowledged only once the loop has handled it (the
-future's done callback calls `client.ack`), and a broker sends no more unacknowledged
-QoS 1 messages than its in-flight window (mosquitto's `max_inflight_messages`). A
-message whose handling failed is not acknowledged: the broker delivers it again when
+function's callback stores it, then calls `client.ack`), and a broker sends no more
+unacknowledged QoS 1 messages than its in-flight window (mosquitto's
+`max_inflight_messages`). A message whose handling failed is not acknowledged: the broker delivers it again when
 this client reconnects (its session is persistent: `clean_session=False`).
 
 `--fail-on PAYLOAD` makes the handler fail for that payload, to see it come back.
@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
-import functools
 import threading
 
 import paho.mqtt.client as mqtt
@@ -34,26 +32,17 @@ import tsfn
 
 
 class Store:
-    """The loop side: what a real program would do with each message (a database)."""
+    """What a real program does with each message (a database write), on the loop."""
 
-    def __init__(self, count: int, fail_on: str | None) -> None:
-        self.count = count
+    def __init__(self, fail_on: str | None) -> None:
         self.fail_on = fail_on
         self.payloads: list[str] = []
-        self.done = asyncio.Event()  # `count` messages handled (or failed)
-        self.seen = 0
 
-    def handle(self, message: mqtt.MQTTMessage) -> str:
-        """On the loop thread, once per message, in the order they arrived."""
-        payload = message.payload.decode()
-        self.seen += 1
-        if self.seen == self.count:
-            self.done.set()
+    def save(self, payload: str) -> None:
         if payload == self.fail_on:
             raise ValueError(f"could not store {payload!r}")
         self.payloads.append(payload)
         print(f"handled {payload}", flush=True)
-        return payload
 
 
 class Acks:
@@ -78,36 +67,44 @@ class Acks:
             self._unacked -= 1
 
 
-async def main(host: str, port: int, topic: str, client_id: str, store: Store) -> Acks:
-    """Handle `store.count` QoS 1 messages from `topic`; acknowledge the handled ones."""
+async def main(host: str, port: int, topic: str, client_id: str, count: int, store: Store) -> Acks:
+    """Handle `count` QoS 1 messages from `topic`; acknowledge the ones stored."""
     loop = asyncio.get_running_loop()
     subscribed = asyncio.Event()
+    all_handled = asyncio.Event()
+    handled = 0
     acks = Acks()
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False, manual_ack=True
     )
 
-    # Unbounded (max_queue_size=0): submit never waits and never raises QueueFull.
-    # One producer, paho's network thread, released once that thread has stopped.
-    async with tsfn.ThreadsafeFunction(store.handle, name="mqtt") as deliveries:
+    def handle_then_ack(message: mqtt.MQTTMessage) -> None:
+        # The function's callback: on the loop thread, once per message, in the order
+        # they arrived (so the acks go out in that order too, as MQTT asks).
+        nonlocal handled
+        payload = message.payload.decode()
+        acks.settled()
+        try:
+            store.save(payload)
+        except Exception as exc:  # any failure: do not acknowledge
+            print(f"not acknowledged: {payload} ({exc})")
+        else:
+            client.ack(message.mid, message.qos)  # queues the PUBACK for paho's thread
+        handled += 1
+        if handled == count:
+            all_handled.set()
 
-        def acknowledge(message: mqtt.MQTTMessage, handled: concurrent.futures.Future[str]) -> None:
-            # On the loop thread, right after store.handle returned or raised. ack()
-            # only queues the PUBACK for paho's thread to send; it does not block.
-            acks.settled()
-            if not handled.cancelled() and handled.exception() is None:
-                client.ack(message.mid, message.qos)
-            elif not handled.cancelled():
-                print(f"not acknowledged: {message.payload.decode()} ({handled.exception()})")
+    # Unbounded (max_queue_size=0): call_nowait never waits and never raises
+    # QueueFull. One producer, paho's network thread, released once it has stopped.
+    async with tsfn.ThreadsafeFunction(handle_then_ack, name="mqtt") as deliveries:
 
         def on_message(client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
             # On paho's network thread: hand the message over and return at once.
+            acks.arrived()  # before the hand-over: the loop may handle it at once
             try:
-                handled = deliveries.submit(message, block=False)
-            except tsfn.Closing:
-                return  # shutting down: unacknowledged, so the broker sends it again later
-            acks.arrived()
-            handled.add_done_callback(functools.partial(acknowledge, message))
+                deliveries.call_nowait(message)
+            except tsfn.Closing:  # shutting down: not acknowledged, so the broker
+                acks.settled()  # sends it again when this client is back
 
         def on_connect(client: mqtt.Client, *_: object) -> None:
             client.subscribe(topic, qos=1)  # after every (re)connect: paho's thread
@@ -123,7 +120,7 @@ async def main(host: str, port: int, topic: str, client_id: str, store: Store) -
         try:
             await asyncio.wait_for(subscribed.wait(), timeout=10)
             print(f"subscribed to {topic}", flush=True)
-            await store.done.wait()
+            await all_handled.wait()
         finally:
             # disconnect() queues DISCONNECT after the acks already queued.
             # loop_stop() joins paho's thread: never on the loop thread, which that
@@ -147,8 +144,8 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=10, help="messages to handle, then exit")
     parser.add_argument("--fail-on", default=None, help="fail to handle this payload")
     args = parser.parse_args(argv)
-    store = Store(args.count, args.fail_on)
-    asyncio.run(main(args.host, args.port, args.topic, args.client_id, store))
+    store = Store(args.fail_on)
+    asyncio.run(main(args.host, args.port, args.topic, args.client_id, args.count, store))
 
 
 if __name__ == "__main__":
