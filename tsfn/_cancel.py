@@ -12,9 +12,10 @@ worker is *told*, three ways:
   `Observer`, a C library's own thread): the hook tells that library to stop.
 
 `CancelFlag.set()` is the one way in: the loop side, and later a channel from another
-process, only ever call that. Hooks run on a helper thread that `set()` starts, never
-on the thread that called `set()` (the loop's), and never while the flag's lock is
-held, so a hook may block (join a thread, wait for a socket to close).
+process, only ever call that. Hooks run on a helper thread that `set()` starts, not
+on the thread that called `set()` (the loop's; the one exception is an interpreter
+that is finalizing and starts no threads), and never while the flag's lock is held,
+so a hook may block (join a thread, wait for a socket to close).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class CancelFlag:
 
     `is_set` is a plain attribute so that a poll costs one read, without the lock: a
     reader sees the old or the new value, and either is fine for a poll. Everything
-    else (the hooks, their states, `ended`) is guarded by `_changed`'s lock, which is
+    else (the hooks, their states, `_ended`) is guarded by `_changed`'s lock, which is
     also what `wait()` and `CancelHook.remove()` wait on.
     """
 
@@ -155,10 +156,10 @@ class CancelHook:
     def remove(self) -> bool:
         """Unregister the hook; return True if it had not started (now it never will).
 
-        False: it has run (or is running), or its worker returned first. If it is running on the hooks
-        thread right now, `remove()` first waits for it to return, so after `remove()`
-        the hook is not running and never will be. (Do not call `remove()` from code
-        the hook itself waits for; a hook may remove itself.)
+        False: it has run (or is running), or its worker returned first. If it is
+        running on another thread right now, `remove()` first waits for it to return,
+        so after `remove()` the hook is not running and never will be. (Do not call
+        `remove()` from code the hook itself waits for; a hook may remove itself.)
         """
         return self._flag.remove(self)
 
