@@ -321,26 +321,37 @@ def test_on_cancel_when_already_cancelled_runs_at_once_in_the_caller() -> None:
     assert seen == ["worker", "returned"]
 
 
-def test_remove_waits_for_a_hook_that_is_running(tiny_switch_interval: None) -> None:
-    started, gate = threading.Event(), threading.Event()
-    finished: list[bool] = []
-    seen_by_remove: list[object] = []
+class GatedHook:
+    """A hook that, once started, waits for `release()`: the worker lets it go and then
+    at once does what must wait for it; `finished` says whether it had."""
 
-    def hook() -> None:
-        started.set()
-        assert gate.wait(10)
-        finished.append(True)
+    def __init__(self) -> None:
+        self._started, self._gate = threading.Event(), threading.Event()
+        self.finished = False
+
+    def __call__(self) -> None:
+        self._started.set()
+        assert self._gate.wait(10)
+        self.finished = True
+
+    def release_once_started(self) -> None:
+        assert self._started.wait(10)
+        self._gate.set()
+
+
+def test_remove_waits_for_a_hook_that_is_running(tiny_switch_interval: None) -> None:
+    hook = GatedHook()
+    seen_by_remove: list[bool] = []
 
     def body(flag: CancelFlag) -> None:
         registered = tsfn.cancel_token().on_cancel(hook)
         flag.set()
-        assert started.wait(10)
-        gate.set()
+        hook.release_once_started()
         seen_by_remove.append(registered.remove())  # returns once the hook has
-        seen_by_remove.append(list(finished))
+        seen_by_remove.append(hook.finished)
 
     run_worker(body)
-    assert seen_by_remove == [False, [True]]
+    assert seen_by_remove == [False, True]
 
 
 def test_a_hook_may_remove_itself() -> None:
@@ -362,22 +373,16 @@ def test_a_hook_may_remove_itself() -> None:
 
 
 def test_the_worker_returning_waits_for_a_running_hook(tiny_switch_interval: None) -> None:
-    started, gate = threading.Event(), threading.Event()
-    finished: list[str] = []
-
-    def slow() -> None:
-        started.set()
-        assert gate.wait(10)
-        finished.append("slow")
+    hook = GatedHook()
 
     def body(flag: CancelFlag) -> None:
-        tsfn.cancel_token().on_cancel(slow)
+        tsfn.cancel_token().on_cancel(hook)
         flag.set()
-        assert started.wait(10)
-        gate.set()  # and return at once: run_with_flag waits for `slow` to finish
+        hook.release_once_started()  # and return at once: run_with_flag waits for it
 
-    run_worker(body)
-    assert finished == ["slow"]  # already, when the worker's thread ended
+    flag = CancelFlag()
+    run_with_flag(flag, lambda: body(flag))
+    assert hook.finished  # already, when run_with_flag returned
 
 
 def test_hooks_left_when_the_worker_returns_never_run() -> None:
