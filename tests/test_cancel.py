@@ -234,21 +234,21 @@ def run_worker(body: Callable[[CancelFlag], object]) -> None:
         raise errors[0]
 
 
-class LastHook:
-    """A hook registered last: it records that it ran, and the worker can wait for it
+def cancel_and_wait_for_the_hooks(
+    flag: CancelFlag, token: tsfn.CancelToken, order: list[str]
+) -> None:
+    """Register a last hook that records "last", cancel, and wait until it has run
     (the hooks before it have run by then: one thread runs them in order)."""
+    ran = threading.Event()
 
-    def __init__(self, order: list[str], name: str = "last") -> None:
-        self._order = order
-        self._name = name
-        self._ran = threading.Event()
+    def last() -> None:
+        order.append("last")
+        ran.set()
 
-    def __call__(self) -> None:
-        self._order.append(self._name)
-        self._ran.set()
-
-    def wait(self) -> None:
-        assert self._ran.wait(10)
+    token.on_cancel(last)
+    flag.set()
+    flag.set()  # idempotent: the hooks still run once
+    assert ran.wait(10)
 
 
 def test_hooks_run_once_in_registration_order_even_if_set_twice() -> None:
@@ -258,11 +258,7 @@ def test_hooks_run_once_in_registration_order_even_if_set_twice() -> None:
         token = tsfn.cancel_token()
         for name in "abc":
             token.on_cancel(lambda name=name: order.append(name))  # type: ignore[misc]
-        last = LastHook(order)
-        token.on_cancel(last)
-        flag.set()
-        flag.set()
-        last.wait()
+        cancel_and_wait_for_the_hooks(flag, token, order)  # sets the flag twice
 
     run_worker(body)
     assert order == ["a", "b", "c", "last"]
@@ -278,10 +274,7 @@ def test_remove_before_cancellation_means_never_and_says_so_once() -> None:
             pass  # leaving the block removes it
         assert removed.remove() is True
         assert removed.remove() is False
-        last = LastHook(order)
-        token.on_cancel(last)
-        flag.set()
-        last.wait()
+        cancel_and_wait_for_the_hooks(flag, token, order)
 
     run_worker(body)
     assert order == ["last"]
@@ -296,10 +289,7 @@ def test_a_hook_removed_while_an_earlier_hook_runs_never_runs() -> None:
         # The first hook removes the second before the hooks thread gets to it.
         token.on_cancel(lambda: order.append(f"first; removed: {later[0].remove()}"))
         later.append(token.on_cancel(lambda: order.append("second")))
-        last = LastHook(order)
-        token.on_cancel(last)
-        flag.set()
-        last.wait()
+        cancel_and_wait_for_the_hooks(flag, token, order)
 
     run_worker(body)
     assert order == ["first; removed: True", "last"]
@@ -458,10 +448,7 @@ def test_an_exception_from_a_hook_goes_to_threading_excepthook_and_the_next_hook
     def body(flag: CancelFlag) -> None:
         token = tsfn.cancel_token()
         token.on_cancel(failing)
-        last = LastHook(order)
-        token.on_cancel(last)
-        flag.set()
-        last.wait()
+        cancel_and_wait_for_the_hooks(flag, token, order)
 
     run_worker(body)
     assert order == ["last"]
