@@ -52,24 +52,32 @@ def _venv(python: str) -> Path:
     return venv_python
 
 
-def _install_chromium() -> None:
-    """Install Debian's `chromium` when no Chromium is on PATH; say so where it cannot."""
-    if any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")):
+# Programs the tests run for real, by Debian package: a headless Chromium looks at the
+# site (tests/test_site.py), and the MQTT recipe talks to a real broker
+# (tests/test_recipes.py). Installed when missing, where apt-get and root are at hand
+# (CI's fresh machines); elsewhere the tests that need them are skipped, saying why.
+SYSTEM_PACKAGES = {"chromium": ("chromium", "chromium-browser"), "mosquitto": ("mosquitto",)}
+SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+
+
+def _system_packages() -> None:
+    missing = [
+        pkg
+        for pkg, commands in SYSTEM_PACKAGES.items()
+        if not any(shutil.which(cmd, path=SBIN) for cmd in commands)
+    ]
+    if not missing:
         return
-    if os.name != "posix" or os.geteuid() != 0 or not shutil.which("apt-get"):
-        print(
-            "chromium: missing, and only root with apt-get installs it here: "
-            "tests/test_site.py will be skipped",
-            flush=True,
-        )
+    if shutil.which("apt-get") is None or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        print(f"not installing {' '.join(missing)} (needs apt-get as root): their tests skip")
         return
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
-            print("+", " ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-    except subprocess.CalledProcessError as exc:
-        print(f"chromium: {exc}: tests/test_site.py will be skipped", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
+    for cmd in (["apt-get", "update", "-qq"], install):
+        print("+", " ".join(cmd), flush=True)
+        if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+            print(f"could not install {' '.join(missing)}: their tests skip", flush=True)
+            return
 
 
 def _test(python: Path, pytest_args: list[str]) -> None:
@@ -83,7 +91,7 @@ def _test(python: Path, pytest_args: list[str]) -> None:
         print("docs: built on Python 3.11+ only", flush=True)
     else:
         _run(python, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", ROOT / "site")
-        _install_chromium()  # tests/test_site.py looks at the site in it
+    _system_packages()
     # Development mode (-X dev: resource warnings, debug hooks) and asyncio's debug
     # mode (thread checks in call_soon, slow-callback logs) catch misuse early.
     os.environ["PYTHONASYNCIODEBUG"] = "1"

@@ -63,8 +63,9 @@ def run_example(name: str, *args: str) -> str:
 
 
 def test_every_example_has_a_test_here() -> None:
-    """A new example must be run by this file too."""
+    """A new example must be run by this file too (or, for a recipe, test_recipes.py)."""
     tested = {"stream_search.py", "progress_bar.py", "native_callbacks.py", "sse_server.py"}
+    tested |= {"file_watcher.py", "mqtt_client.py", "can_reader.py", "cffi_callbacks.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 

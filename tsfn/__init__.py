@@ -4,9 +4,11 @@ Worker threads `call` a `ThreadsafeFunction`; its callback runs on the event loo
 thread, with backpressure, producer counting, abort and a finalizer. `AsyncWork` runs
 a function on a worker and completes on the loop; `stream` turns a worker's results
 into an async iterator; `run` is `asyncio.run` with Node's event-loop liveness.
+Inside a worker, `cancelled()` and `cancel_token()` tell it that its result is no
+longer wanted.
 """
 
-from ._cancel import cancelled
+from ._cancel import CancelHook, CancelToken, cancel_token, cancelled
 from ._errors import Closing, QueueFull, TsfnError, WouldDeadlock
 from ._function import ThreadsafeFunction
 from ._run import run
@@ -15,6 +17,8 @@ from ._work import AsyncWork, Status
 
 __all__ = [
     "AsyncWork",
+    "CancelHook",
+    "CancelToken",
     "Closing",
     "QueueFull",
     "Status",
@@ -22,6 +26,7 @@ __all__ = [
     "ThreadsafeFunction",
     "TsfnError",
     "WouldDeadlock",
+    "cancel_token",
     "cancelled",
     "run",
     "stream",
