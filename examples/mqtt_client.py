@@ -12,8 +12,9 @@ So `on_message` hands each message over with `call_nowait` to an *unbounded*
 `manual_ack=True` a message is acknowledged only once the loop has handled it (the
 function's callback stores it, then calls `client.ack`), and a broker sends no more
 unacknowledged QoS 1 messages than its in-flight window (mosquitto's
-`max_inflight_messages`). A message whose handling failed is not acknowledged: the broker delivers it again when
-this client reconnects (its session is persistent: `clean_session=False`).
+`max_inflight_messages`). A message whose handling failed is not acknowledged: the
+broker delivers it again when this client reconnects (its session is persistent:
+`clean_session=False`).
 
 `--fail-on PAYLOAD` makes the handler fail for that payload, to see it come back.
 Try it against a local mosquitto, and publish with `mosquitto_pub -q 1`.

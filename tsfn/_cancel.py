@@ -55,7 +55,7 @@ class CancelFlag:
     __slots__ = ("_changed", "_ended", "_hooks", "is_set")
 
     def __init__(self) -> None:
-        self.is_set = False
+        self.is_set: bool = False
         self._changed = threading.Condition(threading.Lock())
         # Hooks that have not finished, in registration order (a dict: O(1) removal).
         self._hooks: dict[CancelHook, None] = {}
@@ -90,10 +90,12 @@ class CancelFlag:
             _run_hooks(hooks)
 
     def wait(self, timeout: float | None) -> bool:
+        """Block until set (True) or `timeout` seconds pass (False)."""
         with self._changed:
             return self._changed.wait_for(lambda: self.is_set, timeout)
 
     def add_hook(self, callback: Callable[[], object]) -> CancelHook:
+        """Run `callback` once when the flag is set (see `CancelToken.on_cancel`)."""
         hook = CancelHook(self, callback)
         with self._changed:
             if self._ended:
@@ -106,6 +108,7 @@ class CancelFlag:
         return hook
 
     def remove(self, hook: CancelHook) -> bool:
+        """Take `hook` back; False if it already ran or was removed."""
         with self._changed:
             if hook._state in (_State.PENDING, _State.QUEUED):
                 hook._state = _State.REMOVED
