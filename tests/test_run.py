@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -104,6 +107,45 @@ def test_run_sets_debug_mode(debug: bool) -> None:
         return asyncio.get_running_loop().get_debug()
 
     assert tsfn.run(main(), debug=debug) is debug
+
+
+async def _debug_mode() -> bool:
+    return asyncio.get_running_loop().get_debug()
+
+
+@pytest.mark.timeout(60)
+def test_run_with_debug_none_keeps_the_debug_mode_the_environment_asks_for() -> None:
+    """Issue 9, defect 11: on 3.10, `tsfn.run(main)` passed debug=False to asyncio.run,
+    switching asyncio's debug mode off against PYTHONASYNCIODEBUG and -X dev. With
+    `debug=None` the loop's debug mode is what asyncio.run would give. A child process,
+    so that the environment asks for debug mode whatever this one was started with."""
+    program = (
+        "import asyncio, tsfn\n"
+        "async def debug_mode(): return asyncio.get_running_loop().get_debug()\n"
+        "print(tsfn.run(debug_mode()), asyncio.run(debug_mode()))\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", program],
+        env={**os.environ, "PYTHONASYNCIODEBUG": "1"},
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=True,
+    )
+    assert child.stdout.split() == ["True", "True"], child.stdout + child.stderr
+
+
+def test_run_with_debug_none_keeps_a_factory_loops_own_debug_mode(
+    loop_factory: LoopFactory,
+) -> None:
+    """Issue 9, defect 11, with a loop factory: `debug=None` leaves the new loop's debug
+    mode as the loop set it from the environment."""
+    fresh = loop_factory()
+    try:
+        expected = fresh.get_debug()
+    finally:
+        fresh.close()
+    assert tsfn.run(_debug_mode(), loop_factory=loop_factory) is expected
 
 
 def test_run_refuses_a_coroutine_function_that_was_not_called() -> None:
