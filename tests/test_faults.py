@@ -521,20 +521,25 @@ def test_an_interrupt_at_loop_shutdown_still_shuts_every_function_down(
     ast.parse("x = 1")
 
 
-@pytest.mark.parametrize(
-    "loop_kind",
-    [
-        pytest.param(
-            "asyncio",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue 9, defect 7 residue: the interrupt stays in the task that ran "
-                "Port.shutdown() for shutdown_asyncgens; the stopped loop never retrieves it, "
-                "and asyncio logs it when the task is collected",
-            ),
-        ),
-        "uvloop",
-    ],
+def xfail_on_asyncios_loop(reason: str) -> pytest.MarkDecorator:
+    """Parametrise over `loop_kind`: a known defect shows on asyncio's own loop only."""
+    return pytest.mark.parametrize(
+        "loop_kind",
+        [pytest.param("asyncio", marks=pytest.mark.xfail(strict=True, reason=reason)), "uvloop"],
+    )
+
+
+def factory_of(loop_kind: str) -> LoopFactory:
+    if loop_kind == "asyncio":
+        return asyncio.new_event_loop
+    factory: LoopFactory = pytest.importorskip("uvloop").new_event_loop
+    return factory
+
+
+@xfail_on_asyncios_loop(
+    "issue 9, defect 7 residue: the interrupt stays in the task that ran Port.shutdown() "
+    "for shutdown_asyncgens; the stopped loop never retrieves it, and asyncio logs it "
+    "when the task is collected"
 )
 def test_an_interrupt_at_loop_shutdown_is_not_logged_again_when_collected(
     loop_kind: str, caplog: pytest.LogCaptureFixture
@@ -548,11 +553,6 @@ def test_an_interrupt_at_loop_shutdown_is_not_logged_again_when_collected(
     log formats a traceback, which parses source again, and the outer `ast.parse`
     raises `SystemError: AST constructor recursion depth mismatch`: the issue's
     "corrupted interpreter". (uvloop's loop retrieves the exception.)"""
-    factory: LoopFactory = (
-        asyncio.new_event_loop
-        if loop_kind == "asyncio"
-        else pytest.importorskip("uvloop").new_event_loop
-    )
 
     def finalizer(_: object) -> None:
         raise SystemExit("from the finalizer")
@@ -562,9 +562,113 @@ def test_an_interrupt_at_loop_shutdown_is_not_logged_again_when_collected(
 
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         with pytest.raises(SystemExit):
-            asyncio_run(main(), factory)
+            asyncio_run(main(), factory_of(loop_kind))
         gc.collect()  # whatever still holds the interrupt goes now, and logs if it would
     assert "never retrieved" not in caplog.text
+
+
+_LATE_INTERRUPT = (
+    "issue 9, defect 7 sibling: an interrupt raised at shutdown from a loop callback "
+    "(an AsyncWork's complete, or a later round of call_js discards) rather than inside "
+    "Port.shutdown() stops the loop while Port.shutdown() still waits for other members"
+)
+
+
+@xfail_on_asyncios_loop(_LATE_INTERRUPT)
+def test_call_js_raising_for_every_discard_at_shutdown_still_discards_and_finalizes_all(
+    loop_kind: str,
+) -> None:
+    """Sibling of issue 9, defect 7: call_js raising SystemExit for *each* discarded
+    item. The first raise propagates through Port.shutdown(), which goes on with the
+    other functions; the function's remaining discards are rescheduled as a loop
+    callback, and that callback's raise escapes the loop while Port.shutdown() waits:
+    the raising functions keep items never discarded and are never finalized."""
+    names = ("raises-1", "quiet", "raises-2")
+    finalized: list[str] = []
+    discarded: list[tuple[str, int]] = []
+
+    def make(name: str) -> tsfn.ThreadsafeFunction[int]:
+        def call_js(loop: object, callback: object, context: object, data: int) -> None:
+            if loop is None:
+                discarded.append((name, data))
+                if name != "quiet":
+                    raise SystemExit(name)
+
+        return tsfn.ThreadsafeFunction(
+            call_js=call_js, finalizer=lambda _: finalized.append(name), name=name
+        )
+
+    async def main() -> None:
+        for fn in map(make, names):
+            fn.unref()
+            for item in range(3):
+                fn.call(item)
+
+    with pytest.raises(SystemExit):
+        tsfn.run(main(), loop_factory=factory_of(loop_kind))
+    gc.collect()  # the stranded tasks complain now, not in a later test
+    assert sorted(discarded) == [(name, i) for name in sorted(names) for i in range(3)]
+    assert sorted(finalized) == sorted(names)
+
+
+@pytest.mark.xfail(strict=True, reason=_LATE_INTERRUPT)
+def test_complete_raising_at_shutdown_lets_the_other_members_finish_first(
+    loop_factory: LoopFactory,
+) -> None:
+    """Sibling of issue 9, defect 7: an AsyncWork cancelled by the shutdown runs
+    `complete` from a loop callback; `complete` raising SystemExit there stops the loop
+    while a function's cancelled async callback still runs its cleanup, so that
+    function is never finalized ("Task was destroyed but it is pending!")."""
+    order: list[str] = []
+    gate = threading.Event()  # parks the default executor's only worker
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+
+    def complete(status: tsfn.Status, _: object) -> None:
+        order.append(f"complete {status.name}")
+        gate.set()
+        raise SystemExit("from complete")
+
+    async def callback(_: object) -> None:
+        order.append("callback started")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            for _ in range(3):  # cleanup that needs the loop, a turn at a time
+                await asyncio.sleep(0)
+            order.append("cleanup done")
+
+    holder: list[asyncio.Task[None]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_default_executor(pool)
+        pool.submit(gate.wait)
+        fn = tsfn.ThreadsafeFunction(callback, finalizer=lambda _: order.append("finalizer"))
+        tsfn.AsyncWork(lambda _: None, complete).queue()  # waits for the parked worker
+        parked = asyncio.Event()
+
+        async def calls_when_cancelled() -> None:
+            # asyncio.run cancels this task and waits for it; the callback it starts
+            # then is still running when tsfn's shutdown begins.
+            try:
+                parked.set()
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                fn.call(None)
+                raise
+
+        holder.append(asyncio.ensure_future(calls_when_cancelled()))
+        await parked.wait()
+
+    try:
+        with pytest.raises(SystemExit):
+            asyncio_run(main(), loop_factory)
+    finally:
+        gate.set()
+        pool.shutdown(wait=True)
+        gc.collect()  # the stranded task complains now, not in a later test
+    assert order[0] == "callback started"
+    assert sorted(order[1:]) == ["cleanup done", "complete CANCELLED", "finalizer"]
+    assert order.index("cleanup done") < order.index("finalizer")
 
 
 # -- calls on a function whose loop was closed directly -----------------------------------

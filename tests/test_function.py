@@ -30,6 +30,7 @@ from _loops import asyncio_run
 
 import tsfn
 from tsfn._asyncio import AsyncioPort
+from tsfn._results import SubmitFuture
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -439,6 +440,44 @@ async def test_submit_future_cannot_be_cancelled_while_its_callback_runs() -> No
     worker.finish()
     assert worker.error is None, repr(worker.error)
     assert worker.result == (True, False, 42)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9, defect 5 sibling: Results.deliver marks the call ended "
+    "(SubmitFuture.end_call) before it sets the result, so a cancel() in between "
+    "returns True for a callback that has already run, and its result is dropped",
+)
+@pytest.mark.anyio
+async def test_submit_future_cannot_be_cancelled_once_its_callback_has_returned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sibling of issue 9, defect 5: the callback has returned, its result is not yet in
+    the future, and the submitter (say, giving up after a timeout) cancels. The call
+    has run: `cancel()` must say False and the future get the result, or the caller
+    believes undone what was done. The window is a few bytecodes on the loop thread,
+    so a white-box hook on the future's end-of-call mark holds it open."""
+    attempts: list[bool] = []
+    real_end_call = SubmitFuture.end_call
+
+    def end_call_then_cancel(future: SubmitFuture[Any]) -> None:
+        real_end_call(future)
+        start(lambda: attempts.append(future.cancel())).finish()
+
+    monkeypatch.setattr(SubmitFuture, "end_call", end_call_then_cancel)
+    ran: list[int] = []
+
+    def callback(n: int) -> int:
+        ran.append(n)
+        return n * 2
+
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(callback)
+    future = fn.submit(21)
+    fn.release()
+    await fn.wait_closed()
+    assert ran == [21]
+    assert attempts == [False]
+    assert future.result(0) == 42
 
 
 @pytest.mark.anyio
@@ -1336,6 +1375,50 @@ async def test_an_interrupt_after_marking_a_call_in_flight_leaves_no_marker() ->
     fn.release()
     await asyncio.wait_for(fn.wait_closed(), WAIT)
     assert delivered == [2, "finalized"]  # item 1 was interrupted before it was queued
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9, defect 3 sibling: release()/abort() change the state, then call "
+    "_wake(); an interrupt landing at _wake's entry (where CPython checks for pending "
+    "signals and async exceptions) loses the only wake-up that would finalize",
+)
+@pytest.mark.anyio
+@pytest.mark.parametrize("closer", ["release", "abort"])
+async def test_an_interrupt_as_release_or_abort_wakes_the_loop_does_not_wedge_closing(
+    closer: str,
+) -> None:
+    """Sibling of issue 9, defect 3: a producer interrupted in `release()` (its last) or
+    `abort()` after the state changed to closing, before the wake-up was sent. No other
+    wake-up will come (calls now raise Closing), so the function must not depend on
+    that one: the finalizer runs and wait_closed() returns.
+
+    CPython raises a pending KeyboardInterrupt (Ctrl+C in a main thread that produces)
+    or an async exception when a function starts to run; the hook raises it where
+    `_wake` starts, before its first line."""
+    finalized: list[bool] = []
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+        lambda _: None, finalizer=lambda _: finalized.append(True)
+    )
+    real_wake = fn._wake
+    interrupted: list[bool] = []
+
+    def wake() -> bool:
+        if threading.current_thread().name == "interrupted-producer" and not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        return real_wake()
+
+    fn._wake = wake  # type: ignore[method-assign]
+    producer = start(getattr(fn, closer), "interrupted-producer")
+    producer.finish()
+    assert interrupted, "the hook never fired: rewrite this test"
+    assert isinstance(producer.error, KeyboardInterrupt)
+    assert fn.closing
+    # A bound for the hang only: finalizing takes one loop turn. Shorter than WAIT, as
+    # while the defect stands every run of this test waits it out, four times over.
+    await asyncio.wait_for(fn.wait_closed(), 2.0)
+    assert finalized == [True]
 
 
 # -- loop shutdown -------------------------------------------------------------------------
