@@ -980,6 +980,41 @@ async def test_an_async_call_js_is_awaited_for_discarded_items_before_the_finali
     assert order == [("discarded", 0), ("discarded", 1), ("discarded", 2), "finalized"]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9, defect 16 sibling: an `async def` finalizer is called and the "
+    "coroutine it returns dropped (never awaited); tsfn neither awaits nor refuses it",
+)
+@pytest.mark.anyio
+async def test_an_async_finalizer_is_awaited_or_refused_never_dropped() -> None:
+    """Sibling of issue 9, defect 16: a finalizer written as `async def` returns a
+    coroutine. Dropping it ("coroutine ... was never awaited") skips its cleanup in
+    silence. Either way is honest: refuse it when the function is made (TypeError
+    naming `finalizer`), or await it before wait_closed() returns."""
+    ran: list[bool] = []
+
+    async def finalizer(_: object) -> None:
+        await asyncio.sleep(0)
+        ran.append(True)
+
+    try:
+        fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+            lambda _: None,
+            finalizer=finalizer,  # the mistake under test
+        )
+    except TypeError as exc:
+        refused = str(exc)
+    else:
+        refused = ""
+    if refused:
+        assert "finalizer" in refused
+        return
+    fn.release()
+    await asyncio.wait_for(fn.wait_closed(), WAIT)
+    gc.collect()  # a dropped coroutine warns here, inside the test
+    assert ran == [True]
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("max_queue_size", [0, 1], ids=["unbounded", "bounded"])
 async def test_no_wake_up_is_lost_when_each_call_waits_for_its_delivery(

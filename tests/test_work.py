@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import multiprocessing
 import os
 import threading
@@ -219,6 +220,37 @@ async def test_execute_raising_stop_iteration_in_a_process_pool_reaches_the_awai
     original = exc if isinstance(exc, StopIteration) else exc.__cause__
     assert isinstance(original, StopIteration), repr(exc)
     assert [s for s, _, _ in complete.calls] == [Status.ERROR]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9, defect 16 sibling: an `async def` complete is called and the "
+    "coroutine it returns dropped (never awaited); tsfn neither awaits nor refuses it",
+)
+@pytest.mark.anyio
+async def test_an_async_complete_is_awaited_or_refused_never_dropped() -> None:
+    """Sibling of issue 9, defect 16: `complete` written as `async def` returns a
+    coroutine; dropping it ("coroutine ... was never awaited") skips it in silence.
+    Either refuse it (TypeError naming `complete`) or await it before the work is
+    done."""
+    ran: list[Status] = []
+
+    async def complete(status: Status, _: object) -> None:
+        await asyncio.sleep(0)
+        ran.append(status)
+
+    try:
+        work = AsyncWork(lambda d: d, complete, data=1)  # the mistake under test
+    except TypeError as exc:
+        refused = str(exc)
+    else:
+        refused = ""
+    if refused:
+        assert "complete" in refused
+        return
+    assert await work == 1
+    gc.collect()  # a dropped coroutine warns here, inside the test
+    assert ran == [Status.OK]
 
 
 @pytest.mark.anyio
