@@ -799,13 +799,14 @@ async def test_abandoned_wait_closed_calls_leave_no_waiter_behind(how: str) -> N
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         assert all(isinstance(o, asyncio.CancelledError) for o in outcomes), outcomes
 
-    # The last abandoned waits may linger a moment in their exceptions' tracebacks;
-    # what must not happen is one more left behind per wait.
+    # The count is process-wide: the last abandoned waits may linger a moment in their
+    # exceptions' tracebacks, and other tests' leftovers may go meanwhile. What must
+    # not happen is one more left behind per wait (60 more here).
     await abandon_three()
     alive = _cancelled_waiters_alive()
     for _ in range(20):
         await abandon_three()
-    assert _cancelled_waiters_alive() == alive, "abandoned waiters pile up"
+    assert _cancelled_waiters_alive() <= alive, "abandoned waiters pile up"
     fn.release()
     await asyncio.wait_for(fn.wait_closed(), WAIT)
     assert finalized == [True]
