@@ -127,6 +127,24 @@ def test_threadsafe_function_accepts_call_js_alone_and_the_boundary_values(
     fn.abort()
 
 
+def test_counts_larger_than_any_float_are_accepted_and_work(
+    idle_loop: asyncio.AbstractEventLoop,
+) -> None:
+    """Siblings of issue 9, defect 13: whatever a check accepts must work later, with no
+    OverflowError from arithmetic that names no argument. Counts are exact ints."""
+    huge = 10**400
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+        _noop, max_queue_size=huge, initial_thread_count=huge, loop=idle_loop
+    )
+    for method in ("call", "submit"):
+        getattr(fn, method)(1, timeout=huge)  # room: no wait, but the same checks
+    fn.call_nowait(2)
+    fn.release()
+    assert (fn.qsize(), fn.thread_count, fn.closing) == (3, huge - 1, False)
+    assert "threads=" in repr(fn)
+    fn.abort()
+
+
 def test_threadsafe_function_rejects_a_closed_loop(
     loop_factory: Callable[[], asyncio.AbstractEventLoop],
 ) -> None:

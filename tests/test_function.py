@@ -16,19 +16,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import queue
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, SupportsIndex
 
 import pytest
 from _loops import asyncio_run
 
 import tsfn
 from tsfn._asyncio import AsyncioPort
+from tsfn._results import SubmitFuture
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -253,6 +255,45 @@ def test_blocking_call_with_a_timeout_raises_queue_full_when_no_room_comes(
     fn.abort()
 
 
+@pytest.mark.parametrize("method", ["call", "submit"])
+@pytest.mark.parametrize("then", ["room", "abort"])
+def test_a_timeout_too_large_to_time_waits_like_no_timeout(
+    idle_loop: asyncio.AbstractEventLoop, method: str, then: str
+) -> None:
+    """Issue 9, defect 13: `timeout=10**400` passed the argument check, then its deadline
+    (`time.monotonic() + timeout`) raised OverflowError, which names no argument. A
+    timeout longer than anything the platform can time means no deadline: the caller
+    waits for room, or for `Closing`."""
+    got: list[object] = []
+    second_delivered = asyncio.Event()
+
+    def callback(item: object) -> None:
+        got.append(item)
+        if item == "second":
+            second_delivered.set()
+
+    fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(
+        callback, max_queue_size=1, loop=idle_loop
+    )
+    fn.call("first")  # the loop is not running: the queue stays full
+    worker = start(lambda: getattr(fn, method)("second", timeout=10**400))
+    wait_until(lambda: not worker.is_alive() or blocked_callers(fn) == 1)
+    assert worker.error is None, repr(worker.error)  # it waits: no OverflowError
+    if then == "room":
+        idle_loop.run_until_complete(second_delivered.wait())
+        worker.finish()
+        assert worker.error is None, repr(worker.error)
+        fn.release()
+        idle_loop.run_until_complete(fn.wait_closed())
+        assert got == ["first", "second"]
+    else:
+        fn.abort()
+        worker.finish()
+        assert isinstance(worker.error, tsfn.Closing), repr(worker.error)
+        idle_loop.run_until_complete(fn.wait_closed())
+        assert got == []
+
+
 # -- submit --------------------------------------------------------------------------------
 
 
@@ -365,6 +406,116 @@ async def test_submit_cancelled_before_delivery_discards_the_item() -> None:
     await fn.wait_closed()
     assert delivered == ["wanted"]
     assert discarded == ["unwanted"]
+
+
+@pytest.mark.anyio
+async def test_submit_future_cannot_be_cancelled_while_its_callback_runs() -> None:
+    """Issue 9, defect 5: `cancel()` on the future of a plain callback that is running
+    returned True, and the result the callback then returned was lost. A running
+    `concurrent.futures.Future` cannot be cancelled: `cancel()` is False, the future
+    says it is running, and it gets the result."""
+    running = threading.Event()
+    tried = threading.Event()  # the submitter has tried to cancel
+
+    def callback(n: int) -> int:
+        running.set()
+        # Hold the loop thread inside the callback until the submitter has tried.
+        assert tried.wait(WAIT)
+        return n * 2
+
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(callback)
+
+    def submitter() -> tuple[bool, bool, object]:
+        future = fn.submit(21)
+        assert running.wait(WAIT)
+        try:
+            was_running, cancelled = future.running(), future.cancel()
+        finally:
+            tried.set()
+        return was_running, cancelled, future.result(WAIT)
+
+    worker = start(submitter)
+    fn.release()
+    await fn.wait_closed()
+    worker.finish()
+    assert worker.error is None, repr(worker.error)
+    assert worker.result == (True, False, 42)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9, defect 5 sibling: Results.deliver marks the call ended "
+    "(SubmitFuture.end_call) before it sets the result, so a cancel() in between "
+    "returns True for a callback that has already run, and its result is dropped",
+)
+@pytest.mark.anyio
+async def test_submit_future_cannot_be_cancelled_once_its_callback_has_returned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sibling of issue 9, defect 5: the callback has returned, its result is not yet in
+    the future, and the submitter (say, giving up after a timeout) cancels. The call
+    has run: `cancel()` must say False and the future get the result, or the caller
+    believes undone what was done. The window is a few bytecodes on the loop thread,
+    so a white-box hook on the future's end-of-call mark holds it open."""
+    attempts: list[bool] = []
+    real_end_call = SubmitFuture.end_call
+
+    def end_call_then_cancel(future: SubmitFuture[Any]) -> None:
+        real_end_call(future)
+        start(lambda: attempts.append(future.cancel())).finish()
+
+    monkeypatch.setattr(SubmitFuture, "end_call", end_call_then_cancel)
+    ran: list[int] = []
+
+    def callback(n: int) -> int:
+        ran.append(n)
+        return n * 2
+
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(callback)
+    future = fn.submit(21)
+    fn.release()
+    await fn.wait_closed()
+    assert ran == [21]
+    assert attempts == [False]
+    assert future.result(0) == 42
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("canceller", ["loop thread", "worker thread"])
+async def test_cancelling_the_future_of_a_running_async_callback_cancels_its_task(
+    canceller: str,
+) -> None:
+    """Issue 9, defect 6: cancelling the future of a submit() whose async callback runs
+    returned True while the coroutine ran on to completion. As with
+    `asyncio.run_coroutine_threadsafe`, cancelling the future cancels the task: the
+    coroutine sees CancelledError where it awaits, and does not finish."""
+    started = asyncio.Event()
+    proceed = asyncio.Event()
+    outcome: list[str] = []
+
+    async def callback(n: int) -> int:
+        started.set()
+        try:
+            await proceed.wait()
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+            raise
+        outcome.append("ran to completion")
+        return n
+
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(callback)
+    future = fn.submit(1)
+    await started.wait()
+    if canceller == "loop thread":
+        assert future.cancel()
+    else:
+        assert await asyncio.to_thread(future.cancel)
+    # Had the task not been told, this would let the coroutine run to its end.
+    proceed.set()
+    fn.release()
+    await fn.wait_closed()  # the finalizer waits for the task
+    assert outcome == ["cancelled"]
+    assert future.cancelled()
 
 
 # -- producers: acquire, release, abort ----------------------------------------------------
@@ -610,6 +761,57 @@ async def test_wait_closed_returns_after_the_finalizer_for_every_waiter() -> Non
     await fn.wait_closed()  # already closed: returns at once
 
 
+def _cancelled_waiters_alive() -> int:
+    """How many cancelled asyncio futures (tasks aside) are still alive.
+
+    A waiter abandoned by a cancelled or timed-out `wait_closed()` is such a future;
+    counting all of them needs no knowledge of where tsfn would keep one.
+    """
+    gc.collect()
+    return sum(
+        1
+        for obj in gc.get_objects()
+        if isinstance(obj, asyncio.Future) and not isinstance(obj, asyncio.Task) and obj.cancelled()
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["cancelled", "timed out"])
+async def test_abandoned_wait_closed_calls_leave_no_waiter_behind(how: str) -> None:
+    """Issue 9, defect 14: each wait_closed() that was cancelled or timed out left its
+    future in the function until it closed: a leak for a long-lived function that is
+    polled with timeouts. Abandoned waits must not pile up; a real wait still works."""
+    finalized: list[bool] = []
+    fn: tsfn.ThreadsafeFunction[None] = tsfn.ThreadsafeFunction(
+        lambda _: None, finalizer=lambda _: finalized.append(True)
+    )
+
+    async def abandon_three() -> None:
+        if how == "timed out":
+            for _ in range(3):
+                with pytest.raises(asyncio.TimeoutError):  # the function stays open
+                    await asyncio.wait_for(fn.wait_closed(), 0.001)
+            return
+        tasks = [asyncio.ensure_future(fn.wait_closed()) for _ in range(3)]
+        await asyncio.sleep(0)  # each task runs up to its wait
+        for task in tasks:
+            task.cancel()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(o, asyncio.CancelledError) for o in outcomes), outcomes
+
+    # The count is process-wide: the last abandoned waits may linger a moment in their
+    # exceptions' tracebacks, and other tests' leftovers may go meanwhile. What must
+    # not happen is one more left behind per wait (60 more here).
+    await abandon_three()
+    alive = _cancelled_waiters_alive()
+    for _ in range(20):
+        await abandon_three()
+    assert _cancelled_waiters_alive() <= alive, "abandoned waiters pile up"
+    fn.release()
+    await asyncio.wait_for(fn.wait_closed(), WAIT)
+    assert finalized == [True]
+
+
 @pytest.mark.anyio
 async def test_async_with_waits_for_the_producers_to_finish() -> None:
     got: list[int] = []
@@ -753,6 +955,65 @@ async def test_abort_inside_a_callback_stops_delivery_at_once() -> None:
         fn.call(i)  # one turn: all five wait for the same drain
     await fn.wait_closed()
     assert (delivered, discarded) == ([0, 1], [2, 3, 4])
+
+
+@pytest.mark.anyio
+async def test_an_async_call_js_is_awaited_for_discarded_items_before_the_finalizer() -> None:
+    """Issue 9, defect 16: an `async def call_js` was awaited for delivered items but not
+    for discarded ones: those coroutines were dropped ("coroutine ... was never
+    awaited", a RuntimeWarning that pytest turns into an error here) and their cleanup
+    never ran. Each discard's coroutine runs to its end, and all before the finalizer."""
+    order: list[object] = []
+
+    async def call_js(loop: object, callback: object, context: object, data: int) -> None:
+        try:
+            await asyncio.sleep(0)  # a real await: the cleanup below is not synchronous
+        finally:
+            order.append(("delivered" if loop is not None else "discarded", data))
+
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+        call_js=call_js, finalizer=lambda _: order.append("finalized")
+    )
+    for i in range(3):
+        fn.call(i)  # the loop thread is here: all three are still queued ...
+    fn.abort()  # ... and discarded
+    await asyncio.wait_for(fn.wait_closed(), WAIT)
+    assert order == [("discarded", 0), ("discarded", 1), ("discarded", 2), "finalized"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9, defect 16 sibling: an `async def` finalizer is called and the "
+    "coroutine it returns dropped (never awaited); tsfn neither awaits nor refuses it",
+)
+@pytest.mark.anyio
+async def test_an_async_finalizer_is_awaited_or_refused_never_dropped() -> None:
+    """Sibling of issue 9, defect 16: a finalizer written as `async def` returns a
+    coroutine. Dropping it ("coroutine ... was never awaited") skips its cleanup in
+    silence. Either way is honest: refuse it when the function is made (TypeError
+    naming `finalizer`), or await it before wait_closed() returns."""
+    ran: list[bool] = []
+
+    async def finalizer(_: object) -> None:
+        await asyncio.sleep(0)
+        ran.append(True)
+
+    try:
+        fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+            lambda _: None,
+            finalizer=finalizer,  # the mistake under test
+        )
+    except TypeError as exc:
+        refused = str(exc)
+    else:
+        refused = ""
+    if refused:
+        assert "finalizer" in refused
+        return
+    fn.release()
+    await asyncio.wait_for(fn.wait_closed(), WAIT)
+    gc.collect()  # a dropped coroutine warns here, inside the test
+    assert ran == [True]
 
 
 @pytest.mark.anyio
@@ -1057,6 +1318,143 @@ def test_a_call_racing_loop_shutdown_raises_closing_only_if_its_item_was_not_tak
         pytest.fail("the hook never stopped the producer: rewrite this test")
     assert discarded == ["racing"]
     assert workers[0].error is None
+
+
+# An interrupt (Ctrl+C's KeyboardInterrupt, or an exception sent to the thread with
+# PyThreadState_SetAsyncExc) lands between two bytecodes of a producer. Where exactly
+# cannot be chosen from outside, so the hooks below raise KeyboardInterrupt from inside
+# the operation that opens each window, right after that operation took effect: the
+# same state as an interrupt landing just after it.
+
+
+class _TokenTakenThenInterrupted(list[None]):
+    """The function's wake token: `producer`'s first pop takes it, then raises."""
+
+    def __init__(self, producer: str) -> None:
+        super().__init__([None])
+        self.producer: str | None = producer  # the thread's name
+
+    def pop(self, index: SupportsIndex = -1) -> None:
+        taken = super().pop(index)
+        if threading.current_thread().name == self.producer:
+            self.producer = None
+            raise KeyboardInterrupt
+        return taken
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("max_queue_size", [0, 4], ids=["unbounded", "bounded"])
+async def test_an_interrupt_after_taking_the_wake_token_does_not_wedge_the_function(
+    max_queue_size: int,
+) -> None:
+    """Issue 9, defect 3: a producer interrupted after it took the wake token and before
+    it scheduled the drain lost the token for good: no later call woke the loop, and
+    release() never finalized. Later calls must be delivered and release() finalize."""
+    delivered: list[object] = []
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+        delivered.append,
+        max_queue_size=max_queue_size,
+        finalizer=lambda _: delivered.append("finalized"),
+    )
+    token = _TokenTakenThenInterrupted("interrupted-producer")
+    fn._wake_token = token
+    interrupted = start(lambda: fn.call(1), "interrupted-producer")
+    interrupted.finish()
+    assert token.producer is None, "the hook never fired: rewrite this test"
+    assert isinstance(interrupted.error, KeyboardInterrupt)  # the interrupt reaches its thread
+
+    def later_producer() -> None:
+        fn.call(2)
+        fn.release()
+
+    later = start(later_producer)
+    await asyncio.to_thread(later.finish)
+    assert later.error is None, repr(later.error)
+    await asyncio.wait_for(fn.wait_closed(), WAIT)
+    # Item 1 was queued before the interrupt: it is delivered like any other.
+    assert delivered == [1, 2, "finalized"]
+
+
+class _MarkedThenInterrupted(set[object]):
+    """The function's in-flight markers: `producer`'s first mark is added, then raises."""
+
+    def __init__(self, producer: str) -> None:
+        super().__init__()
+        self.producer: str | None = producer  # the thread's name
+
+    def add(self, marker: object) -> None:
+        super().add(marker)
+        if threading.current_thread().name == self.producer:
+            self.producer = None
+            raise KeyboardInterrupt
+
+
+@pytest.mark.anyio
+async def test_an_interrupt_after_marking_a_call_in_flight_leaves_no_marker() -> None:
+    """Issue 9, defect 3 (its 3.10 half): an interrupt between marking an unbounded call
+    in flight and entering the `try` that unmarks it left the marker behind, and the
+    loop then spun forever waiting for that call before it could finalize. The marker
+    must go with the interrupted call; later calls and the finalizer go on."""
+    delivered: list[object] = []
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+        delivered.append, finalizer=lambda _: delivered.append("finalized")
+    )
+    markers = _MarkedThenInterrupted("interrupted-producer")
+    fn._inflight = markers
+    interrupted = start(lambda: fn.call(1), "interrupted-producer")
+    interrupted.finish()
+    assert markers.producer is None, "the hook never fired: rewrite this test"
+    assert isinstance(interrupted.error, KeyboardInterrupt)
+    # Checked before closing: with a marker left, the finalizing loop would spin for good.
+    assert len(markers) == 0, "the interrupted call left its in-flight marker behind"
+    fn.call(2)
+    fn.release()
+    await asyncio.wait_for(fn.wait_closed(), WAIT)
+    assert delivered == [2, "finalized"]  # item 1 was interrupted before it was queued
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9, defect 3 sibling: release()/abort() change the state, then call "
+    "_wake(); an interrupt landing at _wake's entry (where CPython checks for pending "
+    "signals and async exceptions) loses the only wake-up that would finalize",
+)
+@pytest.mark.anyio
+@pytest.mark.parametrize("closer", ["release", "abort"])
+async def test_an_interrupt_as_release_or_abort_wakes_the_loop_does_not_wedge_closing(
+    closer: str,
+) -> None:
+    """Sibling of issue 9, defect 3: a producer interrupted in `release()` (its last) or
+    `abort()` after the state changed to closing, before the wake-up was sent. No other
+    wake-up will come (calls now raise Closing), so the function must not depend on
+    that one: the finalizer runs and wait_closed() returns.
+
+    CPython raises a pending KeyboardInterrupt (Ctrl+C in a main thread that produces)
+    or an async exception when a function starts to run; the hook raises it where
+    `_wake` starts, before its first line."""
+    finalized: list[bool] = []
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+        lambda _: None, finalizer=lambda _: finalized.append(True)
+    )
+    real_wake = fn._wake
+    interrupted: list[bool] = []
+
+    def wake() -> bool:
+        if threading.current_thread().name == "interrupted-producer" and not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        return real_wake()
+
+    fn._wake = wake  # type: ignore[method-assign]
+    producer = start(getattr(fn, closer), "interrupted-producer")
+    producer.finish()
+    assert interrupted, "the hook never fired: rewrite this test"
+    assert isinstance(producer.error, KeyboardInterrupt)
+    assert fn.closing
+    # A bound for the hang only: finalizing takes one loop turn. Shorter than WAIT, as
+    # while the defect stands every run of this test waits it out, four times over.
+    await asyncio.wait_for(fn.wait_closed(), 2.0)
+    assert finalized == [True]
 
 
 # -- loop shutdown -------------------------------------------------------------------------

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
@@ -353,6 +355,83 @@ def test_callback_running_at_shutdown_is_cancelled_and_the_rest_discarded(
         assert futures[0].cancelled()
 
 
+class SlowCleanup:
+    """An async callback whose cleanup takes several loop turns, and a finalizer, both
+    recording into one list, so that the test can tell which ended first."""
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+        self.started: asyncio.Event | None = None
+
+    async def callback(self, _: object) -> None:
+        assert self.started is not None
+        self.started.set()
+        try:
+            await asyncio.Event().wait()  # never set: still running at shutdown
+        finally:
+            for _ in range(5):  # cleanup that needs the loop, a turn at a time
+                await asyncio.sleep(0)
+            self.order.append("cleanup done")
+
+    def finalizer(self, _: object) -> None:
+        self.order.append("finalizer")
+
+
+def test_tsfn_run_finalizes_an_unreferenced_function_after_its_callbacks_cleanup(
+    loop_factory: LoopFactory,
+) -> None:
+    """Issue 9, defect 15 (tsfn.run): an unreferenced function is aborted once `main`
+    returns; its running async callback is cancelled, and the finalizer ran before the
+    callback's `finally` had finished. The guarantee: the finalizer comes after every
+    awaitable a callback returned has finished or been cancelled, cleanup included."""
+    slow = SlowCleanup()
+
+    async def main() -> None:
+        slow.started = asyncio.Event()
+        fn = tsfn.ThreadsafeFunction(slow.callback, finalizer=slow.finalizer)
+        fn.unref()  # tsfn.run does not wait for it: it is aborted after main
+        fn.call(None)
+        await slow.started.wait()
+
+    tsfn.run(main(), loop_factory=loop_factory)
+    assert slow.order == ["cleanup done", "finalizer"]
+
+
+def test_asyncio_run_finalizes_after_the_cleanup_of_a_callback_started_late(
+    loop_factory: LoopFactory,
+) -> None:
+    """Issue 9, defect 15 (asyncio.run): asyncio.run cancels the tasks it finds, waits for
+    them, then closes async generators, where tsfn's shutdown runs. A callback task
+    started while those tasks were being cancelled is still running then; tsfn's
+    shutdown cancels it, and must let its `finally` finish before the finalizer runs.
+
+    Here `main`'s helper task, when asyncio.run cancels it, makes the call whose
+    callback starts late."""
+    slow = SlowCleanup()
+    holder: list[asyncio.Task[None]] = []
+
+    async def main() -> None:
+        slow.started = asyncio.Event()
+        fn = tsfn.ThreadsafeFunction(slow.callback, finalizer=slow.finalizer)
+        parked = asyncio.Event()
+
+        async def calls_when_cancelled() -> None:
+            try:
+                parked.set()
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                fn.call(None)  # delivered while asyncio.run waits for its cancelled tasks
+                raise
+
+        holder.append(asyncio.ensure_future(calls_when_cancelled()))
+        await parked.wait()
+
+    asyncio_run(main(), loop_factory)
+    assert slow.started is not None
+    assert slow.started.is_set(), "the callback never started: rewrite this test"
+    assert slow.order == ["cleanup done", "finalizer"]
+
+
 # -- mid-submit: callers waiting for their futures ------------------------------------------
 
 
@@ -539,6 +618,48 @@ def test_running_async_work_is_told_to_stop_and_completes_once(
     assert ledger.reports == []
 
 
+@pytest.mark.parametrize("ending", [e for e in ENDINGS if e != "loop.close"])
+def test_running_async_work_on_its_own_executor_completes_before_the_loop_closes(
+    ending: str, loop_factory: LoopFactory, ledger: Ledger
+) -> None:
+    """Issue 9, defect 9: an AsyncWork on an explicit `executor=` still running when the
+    loop ended was told through tsfn.cancelled(), but the loop closed without waiting
+    for it (the shutdown joins only the loop's default executor), so `complete` never
+    ran. It runs once, on the loop, before the loop closes."""
+    executor = concurrent.futures.ThreadPoolExecutor(1)
+    started = threading.Event()
+    let_go = threading.Event()  # should the work never be told, end it after the test
+    told: list[bool] = []
+    completions: list[tuple[tsfn.Status, bool]] = []  # (status, the loop was closed)
+
+    def execute(_: None) -> None:
+        started.set()
+        while not tsfn.cancelled():
+            if let_go.wait(0.005):
+                return
+        told.append(True)
+
+    async def main() -> None:
+        ledger.watch_loop()
+        loop = asyncio.get_running_loop()
+        tsfn.AsyncWork(
+            execute,
+            lambda status, _: completions.append((status, loop.is_closed())),
+            executor=executor,
+        ).queue()
+        await until(started.is_set)
+
+    try:
+        end_loop(ending, main, loop_factory)
+    finally:
+        let_go.set()
+        shut_down(executor)
+    assert completions == [(tsfn.Status.OK, False)]  # once, while the loop still ran
+    assert told == [True]
+    assert ledger.errors == []
+    assert ledger.reports == []
+
+
 # -- a call caught between queueing its item and waking the loop -------------------------
 
 
@@ -716,3 +837,193 @@ def test_calls_racing_loop_close_raise_closing_never_runtime_error(
         loop.close()
     join_all(threads)
     ledger.check("loop.close", producers)
+
+
+# -- arming the shutdown hook ------------------------------------------------------------
+#
+# The first function (or work) of a loop arms tsfn's shutdown hook: on the loop thread,
+# it hands the loop's first-iteration hook for async generators (see tsfn/_asyncio.py)
+# a stand-in. The tests below wrap that hook, so that something happens exactly while
+# the stand-in is being handed over: the window in which c971f67 had swapped in the
+# process-wide warning state (`warnings.catch_warnings`) to detect a late hand-over.
+
+
+@contextlib.contextmanager
+def firstiter_also_runs(during: Callable[[], None]) -> Iterator[list[None]]:
+    """While inside, the running loop's first-iteration hook runs `during()` right after
+    its own work. Yields a list that gets one entry each time the hook runs."""
+    hooks = sys.get_asyncgen_hooks()
+    loop_hook = hooks.firstiter
+    assert loop_hook is not None, "call this on a running loop's thread"
+    fired: list[None] = []
+
+    def hook(agen: Any) -> None:
+        loop_hook(agen)
+        fired.append(None)
+        during()
+
+    sys.set_asyncgen_hooks(firstiter=hook, finalizer=hooks.finalizer)
+    try:
+        yield fired
+    finally:
+        sys.set_asyncgen_hooks(firstiter=loop_hook, finalizer=hooks.finalizer)
+
+
+async def _a_few_loop_turns() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def _warn_unclosed() -> None:
+    warnings.warn("an unclosed resource was collected", ResourceWarning, stacklevel=1)
+
+
+@pytest.mark.parametrize("source", ["the loop thread", "another thread"])
+def test_a_resource_warning_while_the_hook_is_armed_does_not_abort_the_function(
+    loop_factory: LoopFactory, source: str
+) -> None:
+    """Issue 9, defect 1: a ResourceWarning raised anywhere in the process while a new
+    loop's shutdown hook was being armed (garbage collection, another thread, an old
+    unclosed loop being freed) made tsfn believe the loop had already shut down, and
+    it aborted every function created on that loop."""
+    delivered: list[int] = []
+
+    def during() -> None:
+        if source == "the loop thread":
+            _warn_unclosed()  # as a collected resource does, in whatever code runs
+        else:
+            warner = threading.Thread(target=_warn_unclosed)
+            warner.start()
+            join_all([warner])
+
+    async def exercise() -> None:
+        with firstiter_also_runs(during) as fired:
+            fn = tsfn.ThreadsafeFunction(delivered.append)  # its loop's first: arms
+        assert fired, "the hook never ran: rewrite this test"
+        await _a_few_loop_turns()  # a shutdown tsfn wrongly scheduled would run here
+        assert not fn.closing, "the function was aborted"
+        fn.call(1)
+        fn.release()
+        await fn.wait_closed()
+        assert delivered == [1]
+
+    async def main() -> None:
+        with pytest.warns(ResourceWarning, match="unclosed resource"):
+            await exercise()
+
+    asyncio_run(main(), loop_factory)
+
+
+def _trace_the_generator(agen: Any) -> None:
+    # What a tracing or debugging hook does with the async generators it sees.
+    print(f"first iteration of {agen!r}")
+
+
+def _mark_the_generators_frame(agen: Any) -> None:
+    # What trio's hook does in guest mode with a host loop's async generators
+    # (trio/_core/_asyncgens.py: agen.ag_frame.f_locals["@trio_foreign_asyncgen"]).
+    agen.ag_frame.f_locals["@foreign_asyncgen"] = True
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9, defect 1 sibling: tsfn/_asyncio.py's _Probe stands in for an async "
+    "generator, and takes any repr() of it for the loop's warning that it came too late "
+    "(so a tracing hook makes tsfn abort the loop's functions), and has no ag_frame "
+    "(so trio's guest-mode hook makes creating a function raise AttributeError)",
+)
+@pytest.mark.parametrize(
+    "look", [_trace_the_generator, _mark_the_generators_frame], ids=["repr", "ag_frame"]
+)
+def test_a_first_iteration_hook_that_looks_at_the_generator_does_not_disturb_the_function(
+    loop_factory: LoopFactory, look: Callable[[Any], None]
+) -> None:
+    """Sibling of issue 9, defect 1: another piece of code wraps the loop's
+    first-iteration hook and looks at each async generator before passing it on, as
+    tracing tools and trio's guest mode do. Only the loop's own warning about a
+    generator started after its shutdown may tell tsfn that the loop has shut down;
+    anything else looking at the stand-in must neither abort functions nor break them."""
+    delivered: list[int] = []
+
+    async def main() -> None:
+        hooks = sys.get_asyncgen_hooks()
+        loop_hook = hooks.firstiter
+        assert loop_hook is not None
+
+        def hook(agen: Any) -> None:
+            look(agen)
+            loop_hook(agen)
+
+        sys.set_asyncgen_hooks(firstiter=hook, finalizer=hooks.finalizer)
+        try:
+            fn = tsfn.ThreadsafeFunction(delivered.append)  # its loop's first: arms
+        finally:
+            sys.set_asyncgen_hooks(firstiter=loop_hook, finalizer=hooks.finalizer)
+        await _a_few_loop_turns()  # a shutdown tsfn wrongly scheduled would run here
+        assert not fn.closing, "the function was aborted"
+        fn.call(1)
+        fn.release()
+        await fn.wait_closed()
+
+    asyncio_run(main(), loop_factory)
+    assert delivered == [1]
+
+
+def test_loops_arming_their_hooks_at_once_leave_the_warning_state_alone(
+    loop_factory: LoopFactory,
+) -> None:
+    """Issue 9, defect 2: `warnings.catch_warnings()` is not thread-safe, and loops
+    started in several threads at once left `warnings.filters` changed and
+    `warnings.showwarning` / `_showwarnmsg_impl` replaced, so that later warnings
+    vanished process-wide. tsfn must never touch the global warning state.
+
+    The two loops' hand-overs overlap as badly as they can: the first begins, the
+    second begins, the first ends, the second ends."""
+
+    def warning_state() -> tuple[object, ...]:
+        return (list(warnings.filters), warnings.showwarning, warnings._showwarnmsg_impl)  # type: ignore[attr-defined]
+
+    before = warning_state()
+    first_inside, second_inside, first_done = (
+        threading.Event(),
+        threading.Event(),
+        threading.Event(),
+    )
+    errors: list[BaseException] = []
+
+    def first_during() -> None:
+        first_inside.set()
+        assert second_inside.wait(JOIN)
+
+    def second_during() -> None:
+        second_inside.set()
+        assert first_done.wait(JOIN)
+
+    async def make_a_function(during: Callable[[], None], done: threading.Event) -> None:
+        with firstiter_also_runs(during) as fired:
+            # Its loop's first function: it arms the hook.
+            fn: tsfn.ThreadsafeFunction[None] = tsfn.ThreadsafeFunction(lambda _: None)
+        done.set()
+        assert fired, "the hook never ran: rewrite this test"
+        fn.release()
+        await fn.wait_closed()
+
+    def run_loop(
+        during: Callable[[], None], done: threading.Event, after: threading.Event | None
+    ) -> None:
+        try:
+            if after is not None:
+                assert after.wait(JOIN)
+            asyncio_run(make_a_function(during, done), loop_factory)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=run_loop, args=(first_during, first_done, None)),
+        threading.Thread(target=run_loop, args=(second_during, threading.Event(), first_inside)),
+    ]
+    for thread in threads:
+        thread.start()
+    join_all(threads)
+    assert errors == []
+    assert warning_state() == before

@@ -242,6 +242,40 @@ async def test_an_exception_is_not_lost_when_the_consumer_never_iterates() -> No
             await finished.wait()
 
 
+@pytest.mark.parametrize("latest", [False, True], ids=["every item", "latest"])
+@pytest.mark.parametrize("stop", [StopAsyncIteration, StopIteration])
+async def test_a_function_raising_a_stop_exception_fails_the_iteration(
+    stop: type[Exception], latest: bool
+) -> None:
+    """Issue 9, defect 12: a stream function raising StopAsyncIteration was swallowed:
+    re-raised from `__anext__`, it just ended the consumer's `async for`, and
+    `items.result` then raised a confusing error. Like any other exception it reaches
+    the consumer after the items emitted before it, as a RuntimeError caused by it
+    (PEP 479 does the same for generators). StopIteration, which a coroutine cannot
+    raise either, goes the same way."""
+    error = stop("the worker ran out")
+
+    def worker(emit: Emit) -> None:
+        emit(0)
+        emit(1)
+        raise error
+
+    got: list[int] = []
+
+    async def consume(items: tsfn.Stream[int, None]) -> None:
+        async for item in items:
+            got.append(item)
+
+    async with tsfn.stream(worker, latest=latest) as items:
+        with pytest.raises(RuntimeError) as caught:
+            await consume(items)
+    assert caught.value.__cause__ is error
+    # latest: 0 may be overwritten before it is read, but the last item always arrives.
+    assert got in ([0, 1], [1]) if latest else got == [0, 1]
+    with pytest.raises(RuntimeError, match="once the iteration has ended"):
+        _ = items.result  # there is no result: the function raised
+
+
 # -- leaving early ---------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import multiprocessing
 import os
 import threading
@@ -155,6 +156,103 @@ async def test_execute_exception_is_raised_by_await_and_complete_gets_error() ->
     assert work.status is Status.ERROR
 
 
+def _raise_stop_iteration(_: object) -> None:
+    # Module level, so a process pool can pickle it by reference.
+    raise StopIteration("from execute")
+
+
+@pytest.mark.parametrize("kind", ["default", "explicit"])
+def test_execute_raising_stop_iteration_reaches_the_awaiter_and_run_returns(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], kind: str
+) -> None:
+    """Issue 9, defect 8: asyncio refuses StopIteration in a future (it would end a
+    generator), so `execute` raising it left `await work` hanging forever on 3.10-3.12,
+    `complete` never ran, and `tsfn.run` never returned. The awaiter gets it the way a
+    coroutine passes StopIteration on (PEP 479: a RuntimeError caused by it), `complete`
+    gets Status.ERROR, and tsfn.run returns once an unawaited one has completed too."""
+    completed: list[Status] = []
+    caught: list[BaseException] = []
+
+    async def main() -> None:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            executor = pool if kind == "explicit" else None
+            work = AsyncWork(
+                _raise_stop_iteration, lambda s, _: completed.append(s), executor=executor
+            )
+            try:
+                await asyncio.wait_for(work, 10)  # a bound for a hang, not for speed
+            except (StopIteration, RuntimeError) as exc:
+                caught.append(exc)
+            # Never awaited: tsfn.run waits for its complete, and must get it.
+            AsyncWork(
+                _raise_stop_iteration, lambda s, _: completed.append(s), executor=executor
+            ).queue()
+
+    tsfn.run(main(), loop_factory=loop_factory)
+    [exc] = caught
+    original = exc if isinstance(exc, StopIteration) else exc.__cause__
+    assert isinstance(original, StopIteration), repr(exc)
+    assert original.args == ("from execute",)
+    assert completed == [Status.ERROR, Status.ERROR]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9, defect 8 sibling: tsfn._work._Raised (which carries StopIteration "
+    "out of the worker) cannot be unpickled: its __init__ takes `exc` but passes no args "
+    "to Exception.__init__, so the parent process fails to rebuild it and the pool breaks",
+)
+@pytest.mark.anyio
+async def test_execute_raising_stop_iteration_in_a_process_pool_reaches_the_awaiter() -> None:
+    """Issue 9, defect 8, in another process: what carries StopIteration out of the
+    worker must survive pickling, or the parent cannot read the result, the process
+    pool is broken for every other work (BrokenProcessPool), and the awaiter gets
+    that instead of the worker's exception."""
+    complete = RecordingComplete()
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        work = AsyncWork(_raise_stop_iteration, complete, executor=pool)
+        with pytest.raises((StopIteration, RuntimeError)) as caught:
+            await asyncio.wait_for(work, 10)
+        # The pool still works for the next work.
+        assert await AsyncWork(_execute_in_child, data=1, executor=pool) is not None
+    exc = caught.value
+    original = exc if isinstance(exc, StopIteration) else exc.__cause__
+    assert isinstance(original, StopIteration), repr(exc)
+    assert [s for s, _, _ in complete.calls] == [Status.ERROR]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9, defect 16 sibling: an `async def` complete is called and the "
+    "coroutine it returns dropped (never awaited); tsfn neither awaits nor refuses it",
+)
+@pytest.mark.anyio
+async def test_an_async_complete_is_awaited_or_refused_never_dropped() -> None:
+    """Sibling of issue 9, defect 16: `complete` written as `async def` returns a
+    coroutine; dropping it ("coroutine ... was never awaited") skips it in silence.
+    Either refuse it (TypeError naming `complete`) or await it before the work is
+    done."""
+    ran: list[Status] = []
+
+    async def complete(status: Status, _: object) -> None:
+        await asyncio.sleep(0)
+        ran.append(status)
+
+    try:
+        work = AsyncWork(lambda d: d, complete, data=1)  # the mistake under test
+    except TypeError as exc:
+        refused = str(exc)
+    else:
+        refused = ""
+    if refused:
+        assert "complete" in refused
+        return
+    assert await work == 1
+    gc.collect()  # a dropped coroutine warns here, inside the test
+    assert ran == [Status.OK]
+
+
 @pytest.mark.anyio
 async def test_complete_may_be_omitted() -> None:
     # Node allows a NULL complete: completion then does nothing.
@@ -232,6 +330,36 @@ async def test_cancel_before_queue_returns_false() -> None:
     work = AsyncWork(lambda d: d, data=7)
     assert work.cancel() is False
     assert await work == 7
+
+
+@executor_kinds
+def test_cancel_after_a_bare_loop_close_raises_nothing(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], kind: str
+) -> None:
+    """Issue 9, defect 10: `cancel()` of a work still waiting for a worker, after its
+    loop was closed directly with `loop.close()`, raised RuntimeError('Event loop is
+    closed'), which docs/guarantees.md says nobody sees. It cancels (the work never
+    runs); `complete` cannot run on a closed loop (API.md)."""
+    ran: list[object] = []
+    completed: list[Status] = []
+
+    async def queue_behind_a_busy_worker() -> tuple[ParkedPool, AsyncWork[object, None]]:
+        parked = ParkedPool(kind)
+        work = AsyncWork(ran.append, lambda s, _: completed.append(s), executor=parked.for_work)
+        return parked, work.queue()
+
+    loop = loop_factory()
+    try:
+        parked, work = loop.run_until_complete(queue_behind_a_busy_worker())
+    finally:
+        loop.close()
+    try:
+        assert work.cancel() is True
+        assert work.cancel() is False
+    finally:
+        parked.close()  # the worker reaches the cancelled job, and skips it
+    assert ran == []
+    assert completed == []
 
 
 # -- executors ---------------------------------------------------------------------------
