@@ -442,12 +442,6 @@ async def test_submit_future_cannot_be_cancelled_while_its_callback_runs() -> No
     assert worker.result == (True, False, 42)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9, defect 5 sibling: Results.deliver marks the call ended "
-    "(SubmitFuture.end_call) before it sets the result, so a cancel() in between "
-    "returns True for a callback that has already run, and its result is dropped",
-)
 @pytest.mark.anyio
 async def test_submit_future_cannot_be_cancelled_once_its_callback_has_returned(
     monkeypatch: pytest.MonkeyPatch,

@@ -196,12 +196,6 @@ def test_execute_raising_stop_iteration_reaches_the_awaiter_and_run_returns(
     assert completed == [Status.ERROR, Status.ERROR]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9, defect 8 sibling: tsfn._work._Raised (which carries StopIteration "
-    "out of the worker) cannot be unpickled: its __init__ takes `exc` but passes no args "
-    "to Exception.__init__, so the parent process fails to rebuild it and the pool breaks",
-)
 @pytest.mark.anyio
 async def test_execute_raising_stop_iteration_in_a_process_pool_reaches_the_awaiter() -> None:
     """Issue 9, defect 8, in another process: what carries StopIteration out of the

@@ -108,16 +108,20 @@ class Results:
         future = item.future
         if not future.start_call():
             return False
+        # The call ends only once the future holds its outcome, so that a cancel()
+        # cannot slip in between and drop a result that exists.
         try:
             result = owner._invoke(item.data)
         except BaseException as exc:
-            future.end_call()
             self.failed(owner, exc, future)
+            future.end_call()
             if let_through(exc):
                 raise
             return True
-        future.end_call()
-        self.returned(owner, result, future)
+        try:
+            self.returned(owner, result, future)
+        finally:
+            future.end_call()
         return True
 
     def returned(self, owner: Owner, result: object, future: Future | None) -> None:

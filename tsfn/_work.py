@@ -76,7 +76,7 @@ class _Raised(Exception):
     """Carries an exception that a loop's future would refuse (StopIteration)."""
 
     def __init__(self, exc: BaseException) -> None:
-        super().__init__()
+        super().__init__(exc)  # its args rebuild it when it crosses processes
         self.exc = exc
 
 
