@@ -975,11 +975,6 @@ async def test_an_async_call_js_is_awaited_for_discarded_items_before_the_finali
     assert order == [("discarded", 0), ("discarded", 1), ("discarded", 2), "finalized"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9, defect 16 sibling: an `async def` finalizer is called and the "
-    "coroutine it returns dropped (never awaited); tsfn neither awaits nor refuses it",
-)
 @pytest.mark.anyio
 async def test_an_async_finalizer_is_awaited_or_refused_never_dropped() -> None:
     """Sibling of issue 9, defect 16: a finalizer written as `async def` returns a

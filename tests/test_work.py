@@ -216,11 +216,6 @@ async def test_execute_raising_stop_iteration_in_a_process_pool_reaches_the_awai
     assert [s for s, _, _ in complete.calls] == [Status.ERROR]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9, defect 16 sibling: an `async def` complete is called and the "
-    "coroutine it returns dropped (never awaited); tsfn neither awaits nor refuses it",
-)
 @pytest.mark.anyio
 async def test_an_async_complete_is_awaited_or_refused_never_dropped() -> None:
     """Sibling of issue 9, defect 16: `complete` written as `async def` returns a

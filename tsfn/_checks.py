@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 
-__all__ = ["check_callable", "check_count", "check_name", "check_timeout"]
+__all__ = [
+    "check_callable",
+    "check_count",
+    "check_name",
+    "check_plain_callable",
+    "check_timeout",
+]
 
 
 def check_callable(value: object, name: str, *, optional: bool = True) -> None:
@@ -14,6 +21,16 @@ def check_callable(value: object, name: str, *, optional: bool = True) -> None:
     if not callable(value):
         kind = "a callable or None" if optional else "a callable"
         raise TypeError(f"{name} must be {kind}, got {value!r}")
+
+
+def check_plain_callable(value: object, name: str, when: str) -> None:
+    """`check_callable`, and refuse an `async def`: `when` it runs, nothing awaits it."""
+    check_callable(value, name)
+    if inspect.iscoroutinefunction(value):
+        raise TypeError(
+            f"{name} must be a plain function, not async: it runs {when}, where nothing "
+            f"would await it; got {value!r}"
+        )
 
 
 def check_name(name: object) -> None:

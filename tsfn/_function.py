@@ -69,7 +69,13 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
 from ._asyncio import port_of, running_port
-from ._checks import check_callable, check_count, check_name, check_timeout
+from ._checks import (
+    check_callable,
+    check_count,
+    check_name,
+    check_plain_callable,
+    check_timeout,
+)
 from ._lifecycle import Lifecycle, State
 from ._results import Results, Submission, SubmitFuture, let_through
 
@@ -142,7 +148,7 @@ class ThreadsafeFunction(Generic[T]):
             raise TypeError("ThreadsafeFunction needs a callback or call_js (both are None)")
         check_count(max_queue_size, "max_queue_size", 0)
         check_count(initial_thread_count, "initial_thread_count", 1)
-        check_callable(finalizer, "finalizer")
+        check_plain_callable(finalizer, "finalizer", "once, as the function closes")
         check_name(name)
         port = running_port("ThreadsafeFunction") if loop is None else port_of(loop)
         self._port = port

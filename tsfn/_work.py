@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 from ._asyncio import running_port
 from ._cancel import CancelFlag, run_with_flag
-from ._checks import check_callable, check_name
+from ._checks import check_callable, check_name, check_plain_callable
 from ._loop import Event, Membership, Port, Spawned
 from ._results import let_through
 
@@ -115,7 +115,7 @@ class AsyncWork(Generic[D, R]):
         name: str | None = None,
     ) -> None:
         check_callable(execute, "execute", optional=False)
-        check_callable(complete, "complete")
+        check_plain_callable(complete, "complete", "on the loop as the work ends")
         if executor is not None and not isinstance(executor, concurrent.futures.Executor):
             raise TypeError(
                 f"executor must be a concurrent.futures.Executor or None, got {executor!r}"
