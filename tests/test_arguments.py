@@ -111,7 +111,7 @@ def test_threadsafe_function_needs_a_callback_or_call_js(
     idle_loop: asyncio.AbstractEventLoop,
 ) -> None:
     with pytest.raises(TypeError) as caught:
-        tsfn.ThreadsafeFunction(loop=idle_loop)
+        tsfn.ThreadsafeFunction(loop=idle_loop)  # type: ignore[call-overload]
     assert "callback" in str(caught.value)
     assert "call_js" in str(caught.value)
 

@@ -19,7 +19,6 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from _pyright import pyright
@@ -112,35 +111,12 @@ def checked(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     return CHECKERS[request.param](directory, _write_programs(directory))
 
 
-# Programs that fail only because of tsfn's own annotations, not the page: the API
-# fix (issue 14, the lead's part) makes them pass, and strict=True then says to remove
-# the mark. `{block id: reason}`.
-STATUS_OPTIONAL = (
-    "AsyncWork.status is typed `Status | None` even after `await work`, so "
-    "`work.status.name` is an error on a possibly-None attribute"
-)
-API_TYPE_PROBLEMS: dict[str, str] = {
-    "docs/async-work.md:113": STATUS_OPTIONAL,
-    "docs/run.md:15": (
-        "ThreadsafeFunction(print) infers ThreadsafeFunction[object] and T is invariant, "
-        "so AsyncWork[ThreadsafeFunction[str], str] rejects it; and " + STATUS_OPTIONAL
-    ),
-}
-
-
-def _param(block: Block) -> Any:
-    reason = API_TYPE_PROBLEMS.get(block.id)
-    marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
-    return pytest.param(block, id=block.id, marks=marks)
-
-
 def test_every_program_is_checked() -> None:
     """An empty parametrisation would make the test below pass vacuously."""
     assert len(PROGRAMS) >= 10
-    assert set(API_TYPE_PROBLEMS) <= {b.id for b in PROGRAMS}, "a stale entry"
 
 
-@pytest.mark.parametrize("block", [_param(b) for b in PROGRAMS])
+@pytest.mark.parametrize("block", [pytest.param(b, id=b.id) for b in PROGRAMS])
 def test_program_type_checks(block: Block, checked: Errors) -> None:
     errors = checked[_file_name(block)]
     assert not errors, f"{block.id}:\n" + "\n".join(errors)

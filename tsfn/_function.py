@@ -57,7 +57,6 @@ runs.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import functools
@@ -66,22 +65,16 @@ import time
 from collections import deque
 from collections.abc import Callable, Sized
 from types import TracebackType
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, cast
 
-from ._asyncio import port_of, running_port
-from ._checks import (
-    check_callable,
-    check_count,
-    check_name,
-    check_plain_callable,
-    check_timeout,
-)
+from ._asyncio import running_port
+from ._checks import check_timeout
+from ._handle import Finalizer, Handle, Lease, R, T
 from ._lifecycle import Lifecycle, State
+from ._loop import Port
 from ._results import Results, Submission, SubmitFuture, let_through
 
 __all__ = ["ThreadsafeFunction", "reader_bound"]
-
-T = TypeVar("T")
 
 # Items delivered per loop iteration before the drain yields to other callbacks.
 # Node's kMaxIterationCount: large enough to amortise the wake-up, small enough
@@ -90,26 +83,8 @@ BATCH = 1000
 
 _OPEN, _ABORTED = State.OPEN, State.ABORTED
 
-Callback = Callable[[T], object]
-CallJs = Callable[[Any, Callable[[T], object] | None, Any, T], object]
 
-
-class _Lease:
-    """Returned by `acquire()`: leaving the `with` block releases that producer."""
-
-    __slots__ = ("_fn",)
-
-    def __init__(self, fn: ThreadsafeFunction[Any]) -> None:
-        self._fn = fn
-
-    def __enter__(self) -> ThreadsafeFunction[Any]:
-        return self._fn
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._fn.release()
-
-
-class ThreadsafeFunction(Generic[T]):
+class ThreadsafeFunction(Handle[T, R]):
     """A function any thread may call; its callback runs on the event loop's thread.
 
     Worker threads hand items to `call` (or `submit`); the loop delivers each one to
@@ -128,29 +103,25 @@ class ThreadsafeFunction(Generic[T]):
     finished; no user code ever runs inside `call`. At most `max_queue_size` items
     (when bounded) are accepted and not yet handed to the callback, plus the one being
     delivered.
+
+    Typing: `ThreadsafeFunction[T, R]` takes items of type `T` and its `submit`
+    futures hold `R`, what the callback (or `call_js`) returns, awaited if it is
+    awaitable; `ThreadsafeFunction[T]` leaves `R` as `Any`.
     """
 
-    def __init__(
+    def _setup(
         self,
-        callback: Callback[T] | None = None,
-        *,
-        call_js: CallJs[T] | None = None,
-        context: Any = None,
-        max_queue_size: int = 0,
-        initial_thread_count: int = 1,
-        finalizer: Callable[[Any], object] | None = None,
-        name: str | None = None,
-        loop: asyncio.AbstractEventLoop | None = None,
+        port: Port,
+        callback: Callable[..., object] | None,
+        call_js: Callable[..., object] | None,
+        context: Any,
+        max_queue_size: int,
+        initial_thread_count: int,
+        finalizer: Finalizer | None,
+        name: str | None,
+        unread: Sized | None = None,
     ) -> None:
-        check_callable(callback, "callback")
-        check_callable(call_js, "call_js")
-        if callback is None and call_js is None:
-            raise TypeError("ThreadsafeFunction needs a callback or call_js (both are None)")
-        check_count(max_queue_size, "max_queue_size", 0)
-        check_count(initial_thread_count, "initial_thread_count", 1)
-        check_plain_callable(finalizer, "finalizer", "once, as the function closes")
-        check_name(name)
-        port = running_port("ThreadsafeFunction") if loop is None else port_of(loop)
+        # The constructor, after the argument checks. `unread`: see reader_bound.
         self._port = port
         self._callback = callback
         self._call_js = call_js
@@ -166,27 +137,29 @@ class ThreadsafeFunction(Generic[T]):
         )
 
         # Shared with producer threads (see "Locking" above).
-        self._queue: deque[T] = deque()  # producers append, only the loop pops
+        queue: deque[T] = deque()  # producers append, only the loop pops
+        self._queue = queue
         self._wake_token: list[None] = [None]  # holds None while no drain is pending
         self._inflight: set[object] = set()  # unbounded calls between check and append
         self._life = Lifecycle(
             threads=initial_thread_count,
             max_size=max_queue_size,
-            occupied=self._queue.__len__,
+            occupied=queue.__len__ if unread is None else lambda: len(queue) + len(unread),
             loop_closed=port.is_closed,
             on_loop_thread=port.on_loop_thread,
         )
         # The unlocked path: unbounded, and a GIL to order its two hand-offs (see above).
         self._lock_free = not max_queue_size and _gil_enabled()
         self._loop_closed = port.is_closed
-        # Bounded: the queue length at which a drain wakes blocked producers.
-        self._low_water = max_queue_size // 2 if max_queue_size else -1
+        # Bounded: the queue length at which a drain wakes blocked producers; with a
+        # reader, a drain frees nothing (the reader does).
+        self._low_water = max_queue_size // 2 if max_queue_size and unread is None else -1
 
         # Loop thread only.
         self._results = Results(port)
         self._finalizing = False
         self._closed = False
-        self._closed_event: Any = None  # made by the first wait_closed()
+        self._closed_event = None  # made by the first wait_closed()
         self._membership = port.join(self)
 
     # -- producer side: any thread -----------------------------------------------------
@@ -244,7 +217,7 @@ class ThreadsafeFunction(Generic[T]):
         *,
         block: bool = True,
         timeout: float | None = None,
-    ) -> concurrent.futures.Future[Any]:
+    ) -> concurrent.futures.Future[R]:
         """Like `call`, and return a future for the callback's result.
 
         The future gets the callback's return value (awaited on the loop first if it
@@ -254,20 +227,20 @@ class ThreadsafeFunction(Generic[T]):
         async callback's task runs, cancelling the future cancels the task (as
         `asyncio.run_coroutine_threadsafe` does).
         """
-        future: SubmitFuture[Any] = SubmitFuture()
+        future: SubmitFuture[R] = SubmitFuture()
         # The queue holds plain items and submissions side by side, so one order holds
         # for both; the drain tells them apart by type.
         self.call(cast(T, Submission(data, future)), block=block, timeout=timeout)
         return future
 
-    def acquire(self) -> contextlib.AbstractContextManager[ThreadsafeFunction[T]]:
+    def acquire(self) -> contextlib.AbstractContextManager[ThreadsafeFunction[T, R]]:
         """Count one more producer; raise `Closing` if closing.
 
         The return value is a context manager whose exit calls `release()`:
         ``with fn.acquire(): ...``.
         """
         self._life.acquire(self)
-        return _Lease(self)
+        return Lease(self)
 
     def release(self) -> None:
         """Count one producer fewer. At zero the function starts closing.
@@ -329,8 +302,8 @@ class ThreadsafeFunction(Generic[T]):
                     low = -1  # once a batch; _settle covers the rest
                     life.room_made()
                 if item.__class__ is Submission:
-                    if not self._results.deliver(self, item):  # type: ignore[arg-type]
-                        self._discard(item.data)  # type: ignore[attr-defined]
+                    if not self._results.deliver(self, item):
+                        self._discard(item.data)
                 else:
                     try:
                         result = invoke(item)
@@ -433,9 +406,7 @@ class ThreadsafeFunction(Generic[T]):
                 raise
             self._report("Exception in the finalizer", exc)
         finally:
-            self._closed = True
-            if self._closed_event is not None:
-                self._closed_event.set()
+            self._mark_closed()
 
     # The loop's shutdown (see _loop.Member): on the loop thread, loop still running.
 
@@ -446,80 +417,7 @@ class ThreadsafeFunction(Generic[T]):
     async def _finished(self) -> None:
         await self.wait_closed()
 
-    # -- the stream's variant ------------------------------------------------------------
-
-    def _count_unread(self, unread: Sized) -> Callable[[], None]:
-        """Keep delivered items counted against the bound while they sit in `unread`;
-        return what the reader calls after taking one out. See `reader_bound`."""
-        self._life.count_also(unread)
-        self._low_water = -1  # a drain frees nothing: the reader does
-        return self._life.room_made
-
-    # -- loop thread: liveness ---------------------------------------------------------
-
-    def ref(self) -> None:
-        """Keep `tsfn.run()` running until this function closes (the default).
-
-        Like Node's `napi_ref_threadsafe_function`: idempotent, not counted. Loop
-        thread only.
-        """
-        self._check_loop_thread("ref")
-        self._membership.ref()
-
-    def unref(self) -> None:
-        """Let `tsfn.run()` finish while this function is open (it is then aborted).
-
-        Idempotent, not counted. Loop thread only.
-        """
-        self._check_loop_thread("unref")
-        self._membership.unref()
-
-    def _check_loop_thread(self, method: str) -> None:
-        if not self._port.on_loop_thread():
-            raise RuntimeError(f"{self!r}: {method}() must be called on its loop's thread")
-
-    # -- state ---------------------------------------------------------------------------
-
-    @property
-    def context(self) -> Any:
-        """The `context` object given at creation."""
-        return self._context
-
-    @property
-    def name(self) -> str | None:
-        """The `name` given at creation, or None."""
-        return self._name
-
-    @property
-    def thread_count(self) -> int:
-        """How many producers are counted now (acquired and not released)."""
-        return self._life.threads
-
-    @property
-    def closing(self) -> bool:
-        """True once no call can succeed: released to zero, aborted, or loop closed."""
-        return self._life.state is not _OPEN or self._port.is_closed()
-
-    @property
-    def closed(self) -> bool:
-        """True once the finalizer has run."""
-        return self._closed
-
-    def qsize(self) -> int:
-        """Items accepted and not yet handed to the callback (or discarded)."""
-        return len(self._queue)
-
-    async def wait_closed(self) -> None:
-        """Return after the finalizer has run. Await it on the function's loop."""
-        if self._closed:
-            return
-        if not self._port.on_loop_thread():
-            raise RuntimeError(f"{self!r}: wait_closed() must be awaited on its own loop")
-        if self._closed_event is None:
-            self._closed_event = self._port.event()
-        await self._closed_event.wait()
-
-    async def __aenter__(self) -> ThreadsafeFunction[T]:
+    async def __aenter__(self) -> ThreadsafeFunction[T, R]:
         return self
 
     async def __aexit__(
@@ -531,14 +429,6 @@ class ThreadsafeFunction(Generic[T]):
         if exc is not None:
             self.abort()  # a failed body must not wait for producers that may never come
         await self.wait_closed()
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else self._life.state.value
-        label = self._name or getattr(self._callback or self._call_js, "__qualname__", "?")
-        return (
-            f"<ThreadsafeFunction {label!r} {state} threads={self._life.threads} "
-            f"queued={len(self._queue)}>"
-        )
 
 
 def _gil_enabled() -> bool:
@@ -552,14 +442,16 @@ def reader_bound(
     unread: Sized,
     *,
     max_queue_size: int,
-    finalizer: Callable[[Any], object],
+    finalizer: Finalizer,
     name: str,
-) -> tuple[ThreadsafeFunction[T], Callable[[], None]]:
+) -> tuple[ThreadsafeFunction[T, None], Callable[[], None]]:
     """A function whose delivered items stay counted until their reader takes them.
 
     For `stream`: `callback` moves each item into `unread`, and the reader calls the
     returned function after taking one out of it, so the queue and `unread` together
     hold at most `max_queue_size` items.
     """
-    fn = ThreadsafeFunction(callback, max_queue_size=max_queue_size, finalizer=finalizer, name=name)
-    return fn, fn._count_unread(unread)
+    fn: ThreadsafeFunction[T, None] = ThreadsafeFunction.__new__(ThreadsafeFunction)
+    port = running_port("ThreadsafeFunction")
+    fn._setup(port, callback, None, None, max_queue_size, 1, finalizer, name, unread)
+    return fn, fn._life.room_made

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from collections.abc import Callable, Sized
+from collections.abc import Callable
 from typing import Any
 
 from ._errors import Closing, QueueFull, WouldDeadlock
@@ -189,11 +189,6 @@ class Lifecycle:
         # (Node wakes one per pop and can strand waiters: nodejs/node#58723.)
         if self.waiters and self._occupied() + 1 < self.max_size:
             self._not_full.notify()
-
-    def count_also(self, unread: Sized) -> None:
-        """Count the items in `unread` as taking slots too (see `reader_bound`)."""
-        occupied = self._occupied
-        self._occupied = lambda: occupied() + len(unread)
 
     def room_made(self) -> None:
         """Slots were freed: wake one waiter if there is room (it wakes the next)."""

@@ -24,8 +24,10 @@ from ._results import let_through
 
 __all__ = ["AsyncWork", "Status"]
 
-D = TypeVar("D")
-R = TypeVar("R")
+# Covariant: a work only gives its data (`.data`) and result (`await`) out, so an
+# AsyncWork[ThreadsafeFunction[object], str] is an AsyncWork[ThreadsafeFunction[str], str].
+D = TypeVar("D", covariant=True)
+R = TypeVar("R", covariant=True)
 
 
 class Status(enum.Enum):
