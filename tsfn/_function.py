@@ -11,48 +11,43 @@ The data path reads top to bottom in this module:
     _finish()   once closing: leftovers to call_js(None, None, ctx, data) on abort,
                 then the finalizer, exactly once
 
-The bound is Node's: an item leaves the queue, and frees its slot, when the drain
-takes it to deliver it, so at most `max_queue_size` items are accepted and not yet
-handed to the callback, plus the one being delivered. Producers blocked on a full
-queue are woken once half of it is free (and at the end of each batch), so they refill
-it while the loop delivers the rest, with one wake-up per half queue, not per item.
-Admission, producer counting and closing live in `_lifecycle.py`; the tasks and
-futures that deliveries leave behind, in `_results.py`; the event loop, behind the
-port of `_loop.py`.
+The bound is Node's: an item frees its slot when the drain takes it to deliver it,
+so at most `max_queue_size` items are accepted and not yet handed to the callback,
+plus the one being delivered. Blocked producers are woken once half the queue is
+free (and at the end of each batch): one wake-up per half queue, not per item. The
+constructor's checks, state and liveness live in `_handle.py`; admission, producer
+counting and closing in `_lifecycle.py`; the tasks and futures that deliveries leave
+behind in `_results.py`; the event loop behind the port of `_loop.py`.
 
 Locking. A bounded queue admits, and takes the wake token, under its lifecycle's
 lock; the drain puts the token back and looks at the queue again under it too. An
-unbounded queue with the GIL takes no lock, and this is the hot path: a lock that
-every producer takes convoys under the GIL (threads park on it while its holder waits
-for the GIL: measured 3x slower with 4 producers; see benchmarks/). That path relies
-on single operations that are atomic: `deque.append` / `deque.popleft` (the queue),
-`list.append` / `list.pop` (the wake token), `set.add` / `set.discard` (in-flight
-markers), and reads of one attribute. Two hand-offs make it correct:
+unbounded queue with the GIL takes no lock: the hot path, since a lock every producer
+takes convoys under the GIL (3x slower with 4 producers; see benchmarks/). It relies
+on single operations being atomic (`deque.append` / `popleft`, `list.append` / `pop`
+for the wake token, `set.add` / `discard` for in-flight markers, one attribute read)
+and on two hand-offs:
 
 - The wake token is a list holding one `None` while no drain is pending. Producers
   append their item, then `pop` the token: one wins and schedules the drain. The
   drain, when the queue looks empty, puts the token back *first* and *then* re-checks
   the queue, so an item appended meanwhile is seen by one side or the other: no lost
-  wake-up (libuv's `uv_async_send` contract; Node's dispatch_state). A producer
-  interrupted while it holds the token schedules a drain anyway; such an extra drain
-  is harmless, since only the loop thread puts the token back, and only when missing.
+  wake-up (libuv's `uv_async_send` contract). A producer interrupted while it holds
+  the token schedules a drain anyway: an extra drain is harmless, only the loop
+  thread puts the token back, and only when missing.
 - An unbounded call marks itself in flight before it checks the state and unmarks
   after its append. Closing sets the state first, then waits until nothing is in flight
   before it finalizes, so no item can land in the queue after its last look.
 
-Both are store-then-load on two objects by each side (the classic store-buffer
-pattern), so each needs the two sides' operations in one total order. The GIL gives
-one. Free-threaded CPython does not: each object's critical section is its own lock,
-and `bool(list)` and `bool(set)` are relaxed loads that take none (3.13's
-`PyList_GET_SIZE`, `set_len`), so on a weakly ordered CPU (ARM64) both sides could read
-stale values: a lost wake-up, or an item appended after the last look. Without the
-GIL, then, an unbounded queue takes the locked path too, and the lock orders it all.
+Each is a store-then-load on two objects by each side (the store-buffer pattern), so
+it needs one total order of both sides' operations. The GIL gives one. Free-threaded
+CPython does not: per-object critical sections do not order two objects, and
+`bool(list)` / `bool(set)` are relaxed loads (3.13's `PyList_GET_SIZE`, `set_len`), so a
+weakly ordered CPU could show both sides stale values. Without the GIL, then, an
+unbounded queue takes the locked path too.
 
-An interrupt (KeyboardInterrupt, or any asynchronous exception) can land in a
-producer between any two operations; the markers and the token are taken inside
-`try` blocks that undo or complete them, so no interrupt can leave a marker behind or
-the token lost. No lock is ever held while user code (callback, call_js, finalizer)
-runs.
+Interrupts (KeyboardInterrupt, any asynchronous exception) can land between any two
+operations; markers and token are taken inside `try` blocks that undo or complete
+them. No lock is ever held while user code (callback, call_js, finalizer) runs.
 """
 
 from __future__ import annotations
@@ -64,17 +59,15 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sized
-from types import TracebackType
 from typing import Any, cast
 
-from ._asyncio import running_port
 from ._checks import check_timeout
-from ._handle import Finalizer, Handle, Lease, R, T
+from ._handle import Finalizer, Handle, R, T
 from ._lifecycle import Lifecycle, State
 from ._loop import Port
 from ._results import Results, Submission, SubmitFuture, let_through
 
-__all__ = ["ThreadsafeFunction", "reader_bound"]
+__all__ = ["ThreadsafeFunction"]
 
 # Items delivered per loop iteration before the drain yields to other callbacks.
 # Node's kMaxIterationCount: large enough to amortise the wake-up, small enough
@@ -121,7 +114,8 @@ class ThreadsafeFunction(Handle[T, R]):
         name: str | None,
         unread: Sized | None = None,
     ) -> None:
-        # The constructor, after the argument checks. `unread`: see reader_bound.
+        # The constructor, after the argument checks. `unread` (the constructor's private
+        # option, for `stream`): delivered items stay counted while they sit in it.
         self._port = port
         self._callback = callback
         self._call_js = call_js
@@ -232,36 +226,6 @@ class ThreadsafeFunction(Handle[T, R]):
         # for both; the drain tells them apart by type.
         self.call(cast(T, Submission(data, future)), block=block, timeout=timeout)
         return future
-
-    def acquire(self) -> contextlib.AbstractContextManager[ThreadsafeFunction[T, R]]:
-        """Count one more producer; raise `Closing` if closing.
-
-        The return value is a context manager whose exit calls `release()`:
-        ``with fn.acquire(): ...``.
-        """
-        self._life.acquire(self)
-        return Lease(self)
-
-    def release(self) -> None:
-        """Count one producer fewer. At zero the function starts closing.
-
-        Items already queued are still delivered, then the finalizer runs. Raises
-        `Closing` if the count is already zero (released more than acquired).
-        Allowed after `abort` while producers remain, as in Node-API.
-        """
-        if self._life.release(self) and not self._wake():  # deliver what is queued, then finalize
-            self._life.lose_loop()
-
-    def abort(self) -> None:
-        """Close now. Idempotent.
-
-        Further calls, and every caller waiting for room, raise `Closing`. Items still
-        queued are not given to the callback but to ``call_js(None, None, context,
-        data)`` (when `call_js` was given), so what they hold can be released; then
-        the finalizer runs, on the loop thread.
-        """
-        if self._life.abort() and not self._wake():
-            self._life.lose_loop()
 
     def _wake(self) -> bool:
         """Schedule a drain unless one is pending; False if the loop is closed."""
@@ -417,41 +381,8 @@ class ThreadsafeFunction(Handle[T, R]):
     async def _finished(self) -> None:
         await self.wait_closed()
 
-    async def __aenter__(self) -> ThreadsafeFunction[T, R]:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is not None:
-            self.abort()  # a failed body must not wait for producers that may never come
-        await self.wait_closed()
-
 
 def _gil_enabled() -> bool:
     # Free-threaded builds (3.13t) can run with or without the GIL: ask.
     is_enabled: Callable[[], bool] | None = getattr(sys, "_is_gil_enabled", None)
     return is_enabled is None or is_enabled()
-
-
-def reader_bound(
-    callback: Callable[[T], object],
-    unread: Sized,
-    *,
-    max_queue_size: int,
-    finalizer: Finalizer,
-    name: str,
-) -> tuple[ThreadsafeFunction[T, None], Callable[[], None]]:
-    """A function whose delivered items stay counted until their reader takes them.
-
-    For `stream`: `callback` moves each item into `unread`, and the reader calls the
-    returned function after taking one out of it, so the queue and `unread` together
-    hold at most `max_queue_size` items.
-    """
-    fn: ThreadsafeFunction[T, None] = ThreadsafeFunction.__new__(ThreadsafeFunction)
-    port = running_port("ThreadsafeFunction")
-    fn._setup(port, callback, None, None, max_queue_size, 1, finalizer, name, unread)
-    return fn, fn._life.room_made

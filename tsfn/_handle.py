@@ -1,11 +1,12 @@
 """What a ThreadsafeFunction's owner sees of it, apart from the data path.
 
-`Handle` is the base of `ThreadsafeFunction` (in `_function.py`, which holds the
-data path and sets every attribute used here): the constructor's signature, typing
-and argument checks; its read-only state (`context`,
-`name`, `thread_count`, `closing`, `closed`, `qsize`, the repr), its liveness
-(Node's `napi_ref_threadsafe_function` / `unref`: whether it keeps `tsfn.run`
-running) and the wait for its finalizer (`wait_closed`). `Lease` is what `acquire()`
+`Handle` is the base of `ThreadsafeFunction` (`_function.py` holds the data path and
+sets every attribute used here): the constructor's signature, typing and argument
+checks; `acquire` / `release` / `abort` (the counting and closing themselves are
+`_lifecycle.py`'s); the read-only state (`context`, `name`, `thread_count`,
+`closing`, `closed`, `qsize`, the repr); liveness (Node's
+`napi_ref_threadsafe_function` / `unref`: whether it keeps `tsfn.run` running); and
+the wait for its finalizer (`wait_closed`, `async with`). `Lease` is what `acquire()`
 returns.
 """
 
@@ -14,17 +15,15 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Generic, overload
+from types import TracebackType
+from typing import Any, Generic, overload
 
-from typing_extensions import TypeVar
+from typing_extensions import Self, TypeVar
 
 from ._asyncio import port_of, running_port
 from ._checks import check_callable, check_count, check_name, check_plain_callable
 from ._lifecycle import Lifecycle, State
 from ._loop import Event, Membership, Port
-
-if TYPE_CHECKING:
-    from ._function import ThreadsafeFunction
 
 __all__ = ["Handle", "Lease"]
 
@@ -41,8 +40,9 @@ Finalizer = Callable[[Any], object]
 class Handle(Generic[T, R]):
     """The constructor's checks, state, liveness and closing wait of a ThreadsafeFunction."""
 
-    # The data path's set-up, after the checks (ThreadsafeFunction._setup).
+    # The data path: its set-up after the checks, and its wake-up (ThreadsafeFunction).
     _setup: Callable[..., None]
+    _wake: Callable[[], bool]
     # Set by it.
     _port: Port
     _membership: Membership
@@ -148,6 +148,38 @@ class Handle(Generic[T, R]):
             port, callback, call_js, context, max_queue_size, initial_thread_count, finalizer, name
         )
 
+    # -- producers and closing: any thread ----------------------------------------------
+
+    def acquire(self) -> Lease[Self]:
+        """Count one more producer; raise `Closing` if closing.
+
+        The return value is a context manager whose exit calls `release()`:
+        ``with fn.acquire(): ...``.
+        """
+        self._life.acquire(self)
+        return Lease(self)
+
+    def release(self) -> None:
+        """Count one producer fewer. At zero the function starts closing.
+
+        Items already queued are still delivered, then the finalizer runs. Raises
+        `Closing` if the count is already zero (released more than acquired).
+        Allowed after `abort` while producers remain, as in Node-API.
+        """
+        if self._life.release(self) and not self._wake():  # deliver what is queued, then finalize
+            self._life.lose_loop()
+
+    def abort(self) -> None:
+        """Close now. Idempotent.
+
+        Further calls, and every caller waiting for room, raise `Closing`. Items still
+        queued are not given to the callback but to ``call_js(None, None, context,
+        data)`` (when `call_js` was given), so what they hold can be released; then
+        the finalizer runs, on the loop thread.
+        """
+        if self._life.abort() and not self._wake():
+            self._life.lose_loop()
+
     # -- loop thread: liveness ---------------------------------------------------------
 
     def ref(self) -> None:
@@ -212,6 +244,19 @@ class Handle(Generic[T, R]):
             self._closed_event = self._port.event()
         await self._closed_event.wait()
 
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            self.abort()  # a failed body must not wait for producers that may never come
+        await self.wait_closed()
+
     def _mark_closed(self) -> None:
         self._closed = True
         if self._closed_event is not None:
@@ -226,15 +271,18 @@ class Handle(Generic[T, R]):
         )
 
 
-class Lease:
+H = TypeVar("H", bound=Handle[Any, Any])
+
+
+class Lease(Generic[H]):
     """Returned by `acquire()`: leaving the `with` block releases that producer."""
 
     __slots__ = ("_fn",)
 
-    def __init__(self, fn: ThreadsafeFunction[Any, Any]) -> None:
+    def __init__(self, fn: H) -> None:
         self._fn = fn
 
-    def __enter__(self) -> ThreadsafeFunction[Any, Any]:
+    def __enter__(self) -> H:
         return self._fn
 
     def __exit__(self, *exc_info: object) -> None:
