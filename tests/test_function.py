@@ -14,7 +14,6 @@ threaded ones deterministic:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import gc
 import queue
@@ -26,6 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, SupportsIndex
 
 import pytest
+from _helpers import WAIT, Worker, loop_errors, start, wait_until
 from _loops import asyncio_run
 
 import tsfn
@@ -36,64 +36,13 @@ pytestmark = pytest.mark.timeout(20)
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
-# Generous: a correct test never waits this long, a broken one fails instead of hanging.
-WAIT = 10.0
-
-
 # -- helpers -------------------------------------------------------------------------------
-
-
-class Worker(threading.Thread):
-    """A thread that keeps what its target returned or raised, for the test to check."""
-
-    def __init__(self, target: Callable[[], object], name: str = "tsfn-test-worker") -> None:
-        super().__init__(name=name)
-        self._work = target
-        self.result: object = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.result = self._work()
-        except BaseException as exc:
-            self.error = exc
-
-    def finish(self) -> None:
-        """Join, failing the test (not hanging it) if the thread is stuck."""
-        self.join(WAIT)
-        assert not self.is_alive(), f"{self.name} is still running"
-
-
-def start(target: Callable[[], object], name: str = "tsfn-test-worker") -> Worker:
-    worker = Worker(target, name)
-    worker.start()
-    return worker
 
 
 def blocked_callers(fn: tsfn.ThreadsafeFunction[Any]) -> int:
     # tsfn's own count of callers waiting for room. The only way to tell a thread
     # that is inside the wait from one that is about to enter it.
     return fn._life.waiters
-
-
-def wait_until(condition: Callable[[], bool]) -> None:
-    """Poll a condition another thread makes true (no event exists to wait on)."""
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.001)
-
-
-@contextlib.contextmanager
-def loop_errors(loop: asyncio.AbstractEventLoop) -> Iterator[list[dict[str, Any]]]:
-    """Collect what reaches the loop's exception handler."""
-    errors: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    try:
-        yield errors
-    finally:
-        loop.set_exception_handler(previous)
 
 
 @pytest.fixture

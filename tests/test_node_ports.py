@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _helpers import WAIT, Worker, start
 
 import tsfn
 
@@ -56,28 +57,6 @@ ARRAY_LENGTH = 10_000  # binding.c
 BOUNDED_LENGTH = 2_000  # binding.c's 10,000, scaled for the queue of 2 (see above)
 MAX_QUEUE_SIZE = 2  # binding.c
 ADDON_LENGTH = 10  # node-addon-api's threadsafe_function.cc
-WAIT = 10.0  # never reached by a passing test; a failing one fails instead of hanging
-
-
-class Worker(threading.Thread):
-    """A thread that keeps what its target raised, for the test to check."""
-
-    def __init__(self, target: Callable[[], object], name: str) -> None:
-        super().__init__(name=name)
-        self._work = target
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self._work()
-        except BaseException as exc:
-            self.error = exc
-
-
-def start(target: Callable[[], object], name: str = "node-port-worker") -> Worker:
-    worker = Worker(target, name)
-    worker.start()
-    return worker
 
 
 def expected(length: int) -> list[int]:
