@@ -19,7 +19,7 @@ import concurrent.futures
 import functools
 import threading
 from collections import deque
-from collections.abc import Callable, Sized
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Concatenate, Generic, TypeVar
 
@@ -27,7 +27,7 @@ from ._asyncio import running_port
 from ._cancel import CancelFlag, run_with_flag
 from ._checks import check_callable, check_count
 from ._errors import Closing
-from ._function import ThreadsafeFunction
+from ._function import ThreadsafeFunction, reader_bound
 from ._loop import Event, Port, Spawned
 
 __all__ = ["Stream", "stream"]
@@ -64,26 +64,6 @@ def stream(
     default executor.
     """
     return Stream(func, args, max_queue_size=max_queue_size, latest=latest, executor=executor)
-
-
-def reader_bound(
-    callback: Callable[[Y], object],
-    unread: Sized,
-    *,
-    max_queue_size: int,
-    finalizer: Callable[[Any], object],
-    name: str,
-) -> tuple[ThreadsafeFunction[Y, None], Callable[[], None]]:
-    """A function whose delivered items stay counted until their reader takes them.
-
-    For `stream`: `callback` moves each item into `unread`, and the reader calls the
-    returned function after taking one out of it, so the queue and `unread` together
-    hold at most `max_queue_size` items.
-    """
-    fn: ThreadsafeFunction[Y, None] = ThreadsafeFunction.__new__(ThreadsafeFunction)
-    port = running_port("ThreadsafeFunction")
-    fn._setup(port, callback, None, None, max_queue_size, 1, finalizer, name, unread)
-    return fn, fn._life.room_made
 
 
 class _Queued(Generic[Y]):
