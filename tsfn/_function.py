@@ -304,7 +304,10 @@ class ThreadsafeFunction(Handle[T, R]):
                 if not token:
                     token.append(None)
                 if queue:
-                    token.pop()
+                    try:
+                        token.pop()
+                    except IndexError:
+                        return  # a lock-free producer took it back: it schedules the drain
                     self._port.call_soon(self._drain)
                     return
             if life.state is not _OPEN:
