@@ -148,12 +148,15 @@ def test_run_with_debug_none_keeps_a_factory_loops_own_debug_mode(
     assert tsfn.run(_debug_mode(), loop_factory=loop_factory) is expected
 
 
-def test_run_refuses_a_coroutine_function_that_was_not_called() -> None:
-    async def main() -> None:
-        pass
+def test_run_calls_an_async_function_with_its_args(loop_factory: LoopFactory) -> None:
+    """anyio's form, beside the coroutine form: `run(main, *args)` calls it on the loop."""
 
-    with pytest.raises(TypeError, match=r"main.*run\(main\(\)\)"):
-        tsfn.run(main)  # type: ignore[arg-type]
+    async def main(a: int, b: int) -> tuple[int, bool]:
+        return a + b, isinstance(asyncio.get_running_loop(), type(probe))
+
+    probe = loop_factory()
+    probe.close()
+    assert tsfn.run(main, 1, 2, backend_options={"loop_factory": loop_factory}) == (3, True)
 
 
 def test_run_waits_for_a_referenced_function_to_close(loop_factory: LoopFactory) -> None:

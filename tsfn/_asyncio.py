@@ -22,11 +22,11 @@ import sys
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 from ._loop import Event, Port, Spawned
 
-__all__ = ["AsyncioPort", "asyncio_run", "port_of", "running_port"]
+__all__ = ["AsyncioPort", "asyncio_run"]
 
 R = TypeVar("R")
 
@@ -118,14 +118,20 @@ class AsyncioPort(Port):
     def wrap_future(self, future: concurrent.futures.Future[R]) -> Spawned[R]:
         return asyncio.wrap_future(future, loop=self.loop)
 
-    async def join_uncancellable(self, future: Spawned[Any]) -> bool:
+    async def join_uncancellable(self, awaitable: Awaitable[Any]) -> bool:
+        future = asyncio.ensure_future(awaitable, loop=self.loop)
         cancelled = False
         while not future.done():
             try:
-                await asyncio.wait([future])  # type: ignore[type-var]
+                await asyncio.wait([future])
             except asyncio.CancelledError:
                 cancelled = True
+        if not future.cancelled():
+            future.exception()  # retrieved: its outcome is not the caller's business
         return cancelled
+
+    async def raise_cancelled(self) -> NoReturn:
+        raise asyncio.CancelledError
 
     def cancelled_error(self) -> BaseException:
         return asyncio.CancelledError()
@@ -148,27 +154,6 @@ class _Probe:
 
     def __repr__(self) -> str:
         raise _LateProbe
-
-
-def running_port(owner: str) -> AsyncioPort:
-    """The port of the running loop, with a clear error if there is none."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        raise RuntimeError(
-            f"{owner} needs an event loop: create it inside a coroutine running on "
-            "the loop, or pass loop=..."
-        ) from None
-    return AsyncioPort.of(loop)
-
-
-def port_of(loop: object) -> AsyncioPort:
-    """The port of an explicit `loop=` argument, checked."""
-    if not isinstance(loop, asyncio.AbstractEventLoop):
-        raise TypeError(f"loop must be an asyncio event loop or None, got {loop!r}")
-    if loop.is_closed():
-        raise ValueError(f"loop must not be closed, got {loop!r}")
-    return AsyncioPort.of(loop)
 
 
 def asyncio_run(

@@ -61,12 +61,12 @@ from collections import deque
 from collections.abc import Callable, Sized
 from typing import Any, cast
 
-from ._asyncio import running_port
 from ._checks import check_timeout
 from ._handle import Finalizer, Handle, R, T
 from ._lifecycle import Lifecycle, State
 from ._loop import Port
 from ._results import Results, Submission, SubmitFuture, let_through
+from ._running import running_port
 
 __all__ = ["ThreadsafeFunction", "reader_bound"]
 

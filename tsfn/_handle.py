@@ -16,14 +16,17 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Generic, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, overload
 
 from typing_extensions import Self, TypeVar
 
-from ._asyncio import port_of, running_port
+if TYPE_CHECKING:
+    from trio.lowlevel import TrioToken
+
 from ._checks import check_callable, check_count, check_name, check_plain_callable
 from ._lifecycle import Lifecycle, State
 from ._loop import Event, Membership, Port
+from ._running import port_of, running_port
 
 __all__ = ["Handle", "Lease"]
 
@@ -33,7 +36,8 @@ __all__ = ["Handle", "Lease"]
 T = TypeVar("T", contravariant=True)
 R = TypeVar("R", covariant=True, default=Any)
 
-Loop = asyncio.AbstractEventLoop
+# The loop a function belongs to, when given explicitly (`loop=`).
+Loop: TypeAlias = "asyncio.AbstractEventLoop | TrioToken"
 Finalizer = Callable[[Any], object]
 
 

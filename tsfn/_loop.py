@@ -4,9 +4,9 @@ Everything tsfn asks of an event loop goes through a `Port`: schedule a callback
 from any thread, tell whether this thread runs the loop, report an exception the way
 the loop reports its own, make events to await, spawn a task for an awaitable
 result, run a function on a worker, and learn that the loop is shutting down. Each
-loop family implements those primitives once (`_asyncio.py`; asyncio's default loop
-and uvloop share it); what is the same for every loop lives here: membership and
-liveness.
+loop family implements those primitives once (`_asyncio.py`, which asyncio's default
+loop and uvloop share, and `_trio.py`; `_running.py` finds the running one); what is
+the same for every loop lives here: membership and liveness.
 
 *Membership*: each ThreadsafeFunction and each queued AsyncWork `join`s the port of
 its loop and gets a `Membership`. While it is a member, the loop's shutdown shuts it
@@ -19,8 +19,8 @@ from __future__ import annotations
 import abc
 import contextlib
 import threading
-from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any, ClassVar, NoReturn, Protocol, TypeVar
 
 __all__ = ["Event", "Member", "Membership", "Port", "Spawned"]
 
@@ -62,6 +62,8 @@ class Spawned(Protocol[R_co]):
     def exception(self) -> BaseException | None: ...
 
     def add_done_callback(self, fn: Callable[[Any], object], /) -> None: ...
+
+    def __await__(self) -> Generator[Any, None, R_co]: ...
 
 
 class Membership:
@@ -156,13 +158,17 @@ class Port(abc.ABC):
         """A loop future following a `concurrent.futures.Future`. Loop thread."""
 
     @abc.abstractmethod
-    async def join_uncancellable(self, future: Spawned[Any]) -> bool:
-        """Wait until `future` is done, even through cancellation of the caller;
-        return whether the caller was cancelled meanwhile (to re-raise it then)."""
+    async def join_uncancellable(self, awaitable: Awaitable[Any]) -> bool:
+        """Await `awaitable` to its end (its outcome ignored), even through
+        cancellation of the caller; return whether the caller was cancelled meanwhile."""
+
+    @abc.abstractmethod
+    async def raise_cancelled(self) -> NoReturn:
+        """Re-raise the caller's cancellation that `join_uncancellable` held back."""
 
     @abc.abstractmethod
     def cancelled_error(self) -> BaseException:
-        """The exception a cancelled awaiter of this loop raises."""
+        """What awaiting a cancelled AsyncWork raises (API.md: asyncio.CancelledError)."""
 
     # -- membership and liveness -------------------------------------------------------
 

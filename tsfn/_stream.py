@@ -23,12 +23,12 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Concatenate, Generic, TypeVar
 
-from ._asyncio import running_port
 from ._cancel import CancelFlag, run_with_flag
 from ._checks import check_callable, check_count
 from ._errors import Closing
 from ._function import ThreadsafeFunction, reader_bound
 from ._loop import Event, Port, Spawned
+from ._running import running_port
 
 __all__ = ["Stream", "stream"]
 
@@ -254,12 +254,16 @@ class Stream(Generic[Y, R]):
             return
         # The block promises to exit only after the worker has returned, so a
         # cancelled consumer still waits (the worker has been told to stop).
-        cancelled = await self._port.join_uncancellable(self._worker)
-        cancelled |= await self._port.join_uncancellable(self._port.spawn(fn.wait_closed()))
+        cancelled = await self._port.join_uncancellable(self._join(fn))
         if cancelled and exc is None:
-            raise self._port.cancelled_error()
+            await self._port.raise_cancelled()
         if exc is None and not self._seen_end and not isinstance(self._error, Closing | None):
             raise self._error  # the worker failed and the consumer never saw it
+
+    async def _join(self, fn: ThreadsafeFunction[Any, Any]) -> None:
+        assert self._worker is not None
+        await self._worker  # its outcome went to self._error
+        await fn.wait_closed()
 
 
 def _reraisable(exc: BaseException) -> BaseException:

@@ -16,11 +16,11 @@ import threading
 from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar
 
-from ._asyncio import running_port
 from ._cancel import CancelFlag, run_with_flag
 from ._checks import check_callable, check_name, check_plain_callable
 from ._loop import Event, Membership, Port, Spawned
 from ._results import let_through
+from ._running import running_port
 
 __all__ = ["AsyncWork", "Status"]
 
