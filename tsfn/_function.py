@@ -66,9 +66,8 @@ from ._handle import Finalizer, Handle, R, T
 from ._lifecycle import Lifecycle, State
 from ._loop import Port
 from ._results import Results, Submission, SubmitFuture, let_through
-from ._running import running_port
 
-__all__ = ["ThreadsafeFunction", "reader_bound"]
+__all__ = ["ThreadsafeFunction"]
 
 # Items delivered per loop iteration before the drain yields to other callbacks.
 # Node's kMaxIterationCount: large enough to amortise the wake-up, small enough
@@ -115,8 +114,8 @@ class ThreadsafeFunction(Handle[T, R]):
         name: str | None,
         unread: Sized | None = None,
     ) -> None:
-        # The constructor, after the argument checks. `unread` (the constructor's private
-        # option, for `stream`): delivered items stay counted while they sit in it.
+        # The constructor, after the argument checks. `unread` (for `stream`'s subclass):
+        # delivered items stay counted while they sit in it.
         self._port = port
         self._callback = callback
         self._call_js = call_js
@@ -390,23 +389,3 @@ def _gil_enabled() -> bool:
     # Free-threaded builds (3.13t) can run with or without the GIL: ask.
     is_enabled: Callable[[], bool] | None = getattr(sys, "_is_gil_enabled", None)
     return is_enabled is None or is_enabled()
-
-
-def reader_bound(
-    callback: Callable[[T], object],
-    unread: Sized,
-    *,
-    max_queue_size: int,
-    finalizer: Finalizer,
-    name: str,
-) -> tuple[ThreadsafeFunction[T, None], Callable[[], None]]:
-    """A function whose delivered items stay counted until their reader takes them.
-
-    For `stream`: `callback` moves each item into `unread`, and the reader calls the
-    returned function after taking one out of it, so the queue and `unread` together
-    hold at most `max_queue_size` items. (The stream has checked the arguments.)
-    """
-    fn: ThreadsafeFunction[T, None] = ThreadsafeFunction.__new__(ThreadsafeFunction)
-    port = running_port("ThreadsafeFunction")
-    fn._setup(port, callback, None, None, max_queue_size, 1, finalizer, name, unread)
-    return fn, fn._life.room_made

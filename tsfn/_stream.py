@@ -7,7 +7,7 @@ finalizer marks the end of the stream, so every item emitted before the end (or
 before an exception) is read first.
 
 Backpressure counts every buffer: a delivered item keeps its slot in the function's
-bounded queue until the consumer has read it (`reader_bound`), so the queue and the
+bounded queue until the consumer has read it (`_ReaderBound`), so the queue and the
 stream's buffer together hold at most `max_queue_size` items, and the worker is never
 more than `max_queue_size + 1` items ahead (the `+ 1` is the item in its hand). The
 slot is freed once the consumer holds the item, as `__anext__` returns it.
@@ -19,14 +19,14 @@ import concurrent.futures
 import functools
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from types import TracebackType
 from typing import Any, Concatenate, Generic, TypeVar
 
 from ._cancel import CancelFlag, run_with_flag
 from ._checks import check_callable, check_count
 from ._errors import Closing
-from ._function import ThreadsafeFunction, reader_bound
+from ._function import ThreadsafeFunction
 from ._loop import Event, Port, Spawned
 from ._running import running_port
 
@@ -66,6 +66,31 @@ def stream(
     return Stream(func, args, max_queue_size=max_queue_size, latest=latest, executor=executor)
 
 
+class _ReaderBound(ThreadsafeFunction[Y, None]):
+    """A function whose delivered items stay counted until their reader takes them.
+
+    `callback` moves each item into `unread`, and the reader calls `read_one` after
+    taking one out of it, so the queue and `unread` together hold at most
+    `max_queue_size` items. (The stream has checked the arguments.)
+    """
+
+    def __init__(
+        self,
+        callback: Callable[[Y], object],
+        unread: Sized,
+        *,
+        max_queue_size: int,
+        finalizer: Callable[[Any], object],
+        name: str,
+    ) -> None:
+        port = running_port("stream")
+        self._setup(port, callback, None, None, max_queue_size, 1, finalizer, name, unread)
+
+    def read_one(self) -> None:
+        """The reader took an item out of `unread`: its slot is free. Loop thread."""
+        self._life.room_made()
+
+
 class _Queued(Generic[Y]):
     """Every item, in order, through the reader-bound function's queue."""
 
@@ -74,7 +99,7 @@ class _Queued(Generic[Y]):
     ) -> None:
         self._buffer: deque[Y] = deque()  # delivered, unread: they keep their slots
         self._wake = wake
-        self.fn, self._read = reader_bound(
+        self.fn = _ReaderBound(
             self._on_item, self._buffer, max_queue_size=max_queue_size, finalizer=end, name=name
         )
         self.emit: Callable[[Y], None] = self.fn.call
@@ -87,7 +112,7 @@ class _Queued(Generic[Y]):
         if not self._buffer:
             return False, None
         item = self._buffer.popleft()
-        self._read()
+        self.fn.read_one()
         return True, item
 
 
