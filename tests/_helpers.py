@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 # Generous: a correct test never waits this long, a broken one fails instead of hanging.
@@ -38,6 +38,48 @@ def start(target: Callable[[], object], name: str = "tsfn-test-worker") -> Worke
     worker = Worker(target, name)
     worker.start()
     return worker
+
+
+def start_threads(targets: Iterable[Callable[[], object]]) -> list[threading.Thread]:
+    """Start a plain thread per target; what one raises reaches pytest's thread check."""
+    threads = [threading.Thread(target=target) for target in targets]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def join_all(threads: Iterable[threading.Thread], wait: float = WAIT) -> None:
+    """Join every thread, failing (not hanging) if any runs past `wait` seconds in all."""
+    threads = list(threads)
+    deadline = time.monotonic() + wait
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert [t.name for t in threads if t.is_alive()] == [], "threads hung"
+
+
+async def join_all_from_loop(threads: Iterable[threading.Thread], wait: float = WAIT) -> None:
+    """`join_all` without blocking the loop, which the threads may need."""
+    await asyncio.get_running_loop().run_in_executor(None, join_all, list(threads), wait)
+
+
+def set_from_worker(event: asyncio.Event) -> Callable[[], None]:
+    """A function a worker thread calls to set `event` on the loop (the only safe way)."""
+    loop = asyncio.get_running_loop()
+
+    def signal() -> None:
+        loop.call_soon_threadsafe(event.set)
+
+    return signal
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the loop run until `condition()` holds.
+
+    Polled, because other threads make it true; what the test then checks does not
+    depend on how long this took.
+    """
+    while not condition():  # noqa: ASYNC110 - set by threads, which cannot set an asyncio.Event
+        await asyncio.sleep(0.001)
 
 
 def wait_until(condition: Callable[[], bool]) -> None:

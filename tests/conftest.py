@@ -44,6 +44,24 @@ def loop_factory(request: pytest.FixtureRequest) -> Callable[[], asyncio.Abstrac
 
 
 @pytest.fixture
+def idle_loop(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> Iterator[asyncio.AbstractEventLoop]:
+    """A loop of each kind that is not running; at the end it shuts down as asyncio.run would.
+
+    Nothing is delivered until the test runs it, so a bounded queue stays full, and a
+    caller blocked for room stays blocked, for as long as the test wants.
+    """
+    loop = loop_factory()
+    try:
+        yield loop
+    finally:
+        if not loop.is_closed():
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+
+@pytest.fixture
 def tiny_switch_interval() -> Iterator[None]:
     """Make the interpreter switch threads as often as it can, to provoke races."""
     old = sys.getswitchinterval()

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from _loops import LoopFactory
 
 import tsfn
 
@@ -38,17 +39,6 @@ def _noop(*args: object) -> None:
 
 def _emit_nothing(emit: Callable[[int], None]) -> None:
     pass
-
-
-@pytest.fixture
-def idle_loop(
-    loop_factory: Callable[[], asyncio.AbstractEventLoop],
-) -> Iterator[asyncio.AbstractEventLoop]:
-    loop = loop_factory()
-    try:
-        yield loop
-    finally:
-        loop.close()
 
 
 @pytest.fixture
@@ -146,7 +136,7 @@ def test_counts_larger_than_any_float_are_accepted_and_work(
 
 
 def test_threadsafe_function_rejects_a_closed_loop(
-    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    loop_factory: LoopFactory,
 ) -> None:
     # A closed loop is the right type with a value that cannot work: ValueError.
     loop = loop_factory()
@@ -332,7 +322,7 @@ def test_run_rejects_a_bad_argument(argument: str, value: object) -> None:
 
 
 def test_run_accepts_its_valid_arguments(
-    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    loop_factory: LoopFactory,
 ) -> None:
     assert tsfn.run(_answer(), debug=True, loop_factory=loop_factory) == 42
     assert tsfn.run(_answer(), debug=None, loop_factory=None) == 42

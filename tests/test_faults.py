@@ -12,37 +12,23 @@ from __future__ import annotations
 import ast
 import asyncio
 import concurrent.futures
-import contextlib
 import gc
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from _loops import asyncio_run
+from _helpers import loop_errors
+from _loops import LoopFactory, asyncio_run
 
 import tsfn
 
 pytestmark = pytest.mark.timeout(20)
 
-LoopFactory = Callable[[], asyncio.AbstractEventLoop]
-
 
 class Boom(Exception):
     """The fault the tests inject; nothing in tsfn raises it."""
-
-
-@contextlib.contextmanager
-def reports_to(reports: list[dict[str, Any]]) -> Iterator[None]:
-    """Collect what reaches the running loop's exception handler."""
-    loop = asyncio.get_running_loop()
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: reports.append(context))
-    try:
-        yield
-    finally:
-        loop.set_exception_handler(previous)
 
 
 def reported(reports: list[dict[str, Any]]) -> list[BaseException]:
@@ -69,14 +55,13 @@ def produce(fn: tsfn.ThreadsafeFunction[int], items: range) -> threading.Thread:
 async def test_raising_callback_is_reported_and_later_items_are_still_delivered() -> None:
     delivered: list[int] = []
     finalized: list[int] = []
-    reports: list[dict[str, Any]] = []
 
     def callback(item: int) -> None:
         if item % 3 == 0:
             raise Boom(item)
         delivered.append(item)
 
-    with reports_to(reports):
+    with loop_errors(asyncio.get_running_loop()) as reports:
         fn = tsfn.ThreadsafeFunction(
             callback, max_queue_size=4, finalizer=lambda _: finalized.append(len(delivered))
         )
@@ -94,14 +79,13 @@ async def test_raising_callback_is_reported_and_later_items_are_still_delivered(
 
 @pytest.mark.anyio
 async def test_raising_callback_fails_only_its_own_submit_future() -> None:
-    reports: list[dict[str, Any]] = []
 
     def callback(item: int) -> int:
         if item == 2:
             raise Boom(item)
         return item * 10
 
-    with reports_to(reports):
+    with loop_errors(asyncio.get_running_loop()) as reports:
         fn = tsfn.ThreadsafeFunction(callback)
         futures = [fn.submit(i) for i in range(5)]
         fn.release()
@@ -130,8 +114,7 @@ async def test_submit_whose_callback_returns_another_loops_future_fails_that_fut
     future of another loop): the error escaped the drain to the loop's handler, and
     the submitter's future never resolved. The future gets the error, the loop hears
     nothing, and the function still closes."""
-    reports: list[dict[str, Any]] = []
-    with reports_to(reports):
+    with loop_errors(asyncio.get_running_loop()) as reports:
         fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
             lambda _: other_loop.create_future()
         )
@@ -151,13 +134,12 @@ async def test_callback_returning_another_loops_future_is_reported_as_a_callback
     like a raising callback (naming the function), not as an exception in the drain;
     later items are still delivered and the function closes."""
     delivered: list[int] = []
-    reports: list[dict[str, Any]] = []
 
     def callback(item: int) -> object:
         delivered.append(item)
         return other_loop.create_future() if item == 0 else None
 
-    with reports_to(reports):
+    with loop_errors(asyncio.get_running_loop()) as reports:
         fn = tsfn.ThreadsafeFunction(callback)
         for item in range(3):
             fn.call(item)
@@ -172,7 +154,6 @@ async def test_callback_returning_another_loops_future_is_reported_as_a_callback
 @pytest.mark.anyio
 async def test_raising_async_callback_is_reported_before_the_finalizer_runs() -> None:
     events: list[str] = []
-    reports: list[dict[str, Any]] = []
 
     async def callback(item: int) -> None:
         await asyncio.sleep(0)
@@ -181,7 +162,7 @@ async def test_raising_async_callback_is_reported_before_the_finalizer_runs() ->
             raise Boom(item)
         events.append(f"item {item}")
 
-    with reports_to(reports):
+    with loop_errors(asyncio.get_running_loop()) as reports:
         fn = tsfn.ThreadsafeFunction(callback, finalizer=lambda _: events.append("finalizer"))
         for item in range(3):
             fn.call(item)
@@ -197,7 +178,6 @@ async def test_raising_async_callback_is_reported_before_the_finalizer_runs() ->
 async def test_call_js_raising_while_discarding_is_reported_and_the_rest_still_discarded() -> None:
     discarded: list[int] = []
     events: list[str] = []
-    reports: list[dict[str, Any]] = []
 
     def call_js(
         loop: asyncio.AbstractEventLoop | None, _cb: object, _context: object, item: int
@@ -207,7 +187,7 @@ async def test_call_js_raising_while_discarding_is_reported_and_the_rest_still_d
         if item % 2:
             raise Boom(item)
 
-    with reports_to(reports):
+    with loop_errors(asyncio.get_running_loop()) as reports:
         fn = tsfn.ThreadsafeFunction(call_js=call_js, finalizer=lambda _: events.append("final"))
         # Queued on the loop thread, which does not drain until we await: all ten
         # are still queued when abort() comes.
@@ -225,13 +205,12 @@ async def test_call_js_raising_while_discarding_is_reported_and_the_rest_still_d
 @pytest.mark.anyio
 async def test_raising_finalizer_is_reported_and_the_function_still_closes() -> None:
     calls: list[object] = []
-    reports: list[dict[str, Any]] = []
 
     def finalizer(context: object) -> None:
         calls.append(context)
         raise Boom("finalizer")
 
-    with reports_to(reports):
+    with loop_errors(asyncio.get_running_loop()) as reports:
         fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
             lambda _: None, context="ctx", finalizer=finalizer
         )
@@ -264,12 +243,11 @@ async def test_raising_execute_reaches_the_awaiter_and_complete_gets_error() -> 
 
 @pytest.mark.anyio
 async def test_raising_complete_is_reported_and_the_result_still_arrives() -> None:
-    reports: list[dict[str, Any]] = []
 
     def complete(status: tsfn.Status, data: object) -> None:
         raise Boom("complete")
 
-    with reports_to(reports):
+    with loop_errors(asyncio.get_running_loop()) as reports:
         assert await tsfn.AsyncWork(lambda x: x + 1, complete, data=41) == 42
     assert [type(e) for e in reported(reports)] == [Boom]
 

@@ -21,20 +21,18 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, SupportsIndex
 
 import pytest
 from _helpers import WAIT, Worker, loop_errors, start, wait_until
-from _loops import asyncio_run
+from _loops import LoopFactory, asyncio_run
 
 import tsfn
 from tsfn._asyncio import AsyncioPort
 from tsfn._results import SubmitFuture
 
 pytestmark = pytest.mark.timeout(20)
-
-LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 # -- helpers -------------------------------------------------------------------------------
 
@@ -43,18 +41,6 @@ def blocked_callers(fn: tsfn.ThreadsafeFunction[Any]) -> int:
     # tsfn's own count of callers waiting for room. The only way to tell a thread
     # that is inside the wait from one that is about to enter it.
     return fn._life.waiters
-
-
-@pytest.fixture
-def idle_loop(loop_factory: LoopFactory) -> Iterator[asyncio.AbstractEventLoop]:
-    """A loop that is not running; at the end it shuts down as asyncio.run would."""
-    loop = loop_factory()
-    try:
-        yield loop
-    finally:
-        if not loop.is_closed():
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
 
 
 def wake_up_spy(monkeypatch: pytest.MonkeyPatch) -> list[Callable[..., object]]:

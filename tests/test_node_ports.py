@@ -45,13 +45,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers import WAIT, Worker, start
+from _helpers import WAIT, Worker, loop_errors, start
+from _loops import LoopFactory
 
 import tsfn
 
 pytestmark = pytest.mark.timeout(30)
 
-LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 ARRAY_LENGTH = 10_000  # binding.c
 BOUNDED_LENGTH = 2_000  # binding.c's 10,000, scaled for the queue of 2 (see above)
@@ -682,7 +682,6 @@ async def test_T16_T17_callback_then_finalizer_exceptions_reach_the_handler_in_o
     they have no port: exceptions always reach the handler.
     """
     calls: list[str] = []
-    reported: list[BaseException] = []
     callback_error, finalizer_error = (
         RuntimeError("callback error"),
         RuntimeError("finalizer error"),
@@ -696,20 +695,15 @@ async def test_T16_T17_callback_then_finalizer_exceptions_reach_the_handler_in_o
         calls.append("finalizer")
         raise finalizer_error
 
-    loop = asyncio.get_running_loop()
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: reported.append(context["exception"]))
-    try:
+    with loop_errors(asyncio.get_running_loop()) as reported:
         fn: tsfn.ThreadsafeFunction[None] = tsfn.ThreadsafeFunction(
             callback, finalizer=finalizer, name="resource_name"
         )
         fn.call(None)
         fn.release()
         await fn.wait_closed()
-    finally:
-        loop.set_exception_handler(previous)
     assert calls == ["callback", "finalizer"]
-    assert reported == [callback_error, finalizer_error]
+    assert [context["exception"] for context in reported] == [callback_error, finalizer_error]
 
 
 # -- T20: test_threadsafe_function_abort ---------------------------------------------------
@@ -1069,11 +1063,7 @@ async def test_E1_E2_an_exception_in_the_callback_or_call_js_is_reported_once(
         calls.append(args)
         raise error
 
-    loop = asyncio.get_running_loop()
-    reported: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: reported.append(context))
-    try:
+    with loop_errors(asyncio.get_running_loop()) as reported:
         if thrower == "callback":
             fn: tsfn.ThreadsafeFunction[None] = tsfn.ThreadsafeFunction(raising)
         else:
@@ -1081,8 +1071,6 @@ async def test_E1_E2_an_exception_in_the_callback_or_call_js_is_reported_once(
         start(lambda: fn.call(None)).join(WAIT)
         fn.release()
         await fn.wait_closed()
-    finally:
-        loop.set_exception_handler(previous)
     assert len(calls) == 1
     assert [context["exception"] for context in reported] == [error]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import random
 import threading
 import time
@@ -24,41 +25,18 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from _helpers import WAIT, join_all, join_all_from_loop, start_threads, until
 
 import tsfn
 import tsfn._lifecycle
 
 pytestmark = pytest.mark.timeout(60)
 
-JOIN = 10.0  # a thread not done after this long is hung, not slow
-
 
 @pytest.fixture
 def no_poll(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only a real wake-up can free a blocked caller (see the module docstring)."""
     monkeypatch.setattr(tsfn._lifecycle, "CLOSED_LOOP_POLL", 3600.0)
-
-
-def join_all(threads: list[threading.Thread]) -> None:
-    deadline = time.monotonic() + JOIN
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    assert [t.name for t in threads if t.is_alive()] == [], "threads hung"
-
-
-async def join_all_from_loop(threads: list[threading.Thread]) -> None:
-    """join_all without blocking the loop, which the threads may need."""
-    await asyncio.get_running_loop().run_in_executor(None, join_all, threads)
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Let the loop run until `condition()` holds.
-
-    Polled, because other threads make it true; what the test then checks does not
-    depend on how long this took.
-    """
-    while not condition():  # noqa: ASYNC110 - set by threads, which cannot set an asyncio.Event
-        await asyncio.sleep(0.001)
 
 
 Item = tuple[int, int]  # (producer, sequence number within that producer)
@@ -173,10 +151,8 @@ async def test_many_threads_on_a_tiny_queue_deliver_every_item_once_in_order(
         finally:
             fn.release()
 
-    threads = [threading.Thread(target=produce, args=(p,)) for p in range(producers)]
-    for thread in threads:
-        thread.start()
-    await asyncio.wait_for(fn.wait_closed(), JOIN)
+    threads = start_threads(functools.partial(produce, p) for p in range(producers))
+    await asyncio.wait_for(fn.wait_closed(), WAIT)
     await join_all_from_loop(threads)
 
     assert errors == []
@@ -222,10 +198,8 @@ async def test_abort_at_a_random_point_wakes_every_caller_and_loses_nothing(seed
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=produce, args=(p,)) for p in range(producers)]
-    for thread in threads:
-        thread.start()
-    await asyncio.wait_for(fn.wait_closed(), JOIN)
+    threads = start_threads(functools.partial(produce, p) for p in range(producers))
+    await asyncio.wait_for(fn.wait_closed(), WAIT)
     await join_all_from_loop(threads)
 
     assert errors == []
@@ -264,11 +238,9 @@ async def test_blocking_producers_on_a_small_queue_never_hang(
             except tsfn.Closing:
                 pass  # only after a hang, when the test aborts to free us
 
-        threads = [threading.Thread(target=produce, args=(p,)) for p in range(producers)]
-        for thread in threads:
-            thread.start()
+        threads = start_threads(functools.partial(produce, p) for p in range(producers))
         try:
-            await asyncio.wait_for(fn.wait_closed(), JOIN)
+            await asyncio.wait_for(fn.wait_closed(), WAIT)
         except asyncio.TimeoutError:
             fn.abort()  # free the hung producers so the failure is reported, not a hang
             await join_all_from_loop(threads)
@@ -306,9 +278,7 @@ async def test_closing_wakes_every_blocked_caller_at_once(
         except BaseException as exc:
             outcomes.append(exc)
 
-    threads = [threading.Thread(target=produce, args=(p,)) for p in range(producers)]
-    for thread in threads:
-        thread.start()
+    threads = start_threads(functools.partial(produce, p) for p in range(producers))
     ready.wait()
     if how == "abort":
         threading.Thread(target=fn.abort).start()
@@ -317,7 +287,7 @@ async def test_closing_wakes_every_blocked_caller_at_once(
     join_all(threads)  # deliberately blocking the loop thread: see the docstring
 
     assert [type(o) for o in outcomes] == [tsfn.Closing] * producers
-    await asyncio.wait_for(fn.wait_closed(), JOIN)
+    await asyncio.wait_for(fn.wait_closed(), WAIT)
     if how == "abort":
         assert record.discarded == [(-1, s) for s in range(queue_size)]
     else:
@@ -350,13 +320,11 @@ async def test_producers_that_keep_calling_after_closing_do_not_stall_the_loop()
             with contextlib.suppress(tsfn.Closing):
                 fn.call(None)
 
-    threads = [threading.Thread(target=hammer) for _ in range(producers)]
-    for thread in threads:
-        thread.start()
+    threads = start_threads([hammer] * producers)
     await until(lambda: len(delivered) >= 1_000)  # all of them hard at it
     fn.abort()
     try:
-        await asyncio.wait_for(fn.wait_closed(), JOIN)
+        await asyncio.wait_for(fn.wait_closed(), WAIT)
     finally:
         stop.set()
         await join_all_from_loop(threads)
@@ -385,10 +353,8 @@ async def test_submitters_cancelling_their_futures_race_delivery_without_loss() 
             outcomes.append(((producer, seq), seq % 2 == 0 and future.cancel(), future))
         fn.release()
 
-    threads = [threading.Thread(target=produce, args=(p,)) for p in range(producers)]
-    for thread in threads:
-        thread.start()
-    await asyncio.wait_for(fn.wait_closed(), JOIN)
+    threads = start_threads(functools.partial(produce, p) for p in range(producers))
+    await asyncio.wait_for(fn.wait_closed(), WAIT)
     await join_all_from_loop(threads)
 
     record.check({p: list(range(items)) for p in range(producers)}, discards_a_tail=False)

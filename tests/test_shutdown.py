@@ -35,13 +35,13 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
-from _loops import asyncio_run
+from _helpers import WAIT, join_all, start_threads, until
+from _loops import LoopFactory, asyncio_run
 
 import tsfn
 
 pytestmark = pytest.mark.timeout(40)
 
-LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 Main = Callable[[], Coroutine[Any, Any, None]]
 
 ENDINGS = ["asyncio.run", "asyncio.Runner", "tsfn.run", "loop.close"]
@@ -50,7 +50,6 @@ ENDINGS = ["asyncio.run", "asyncio.Runner", "tsfn.run", "loop.close"]
 # woken at once by the shutdown hook, or within tsfn's 0.1 s poll after a bare
 # loop.close(); the rest is margin for a loaded 2-core machine.
 WAKE_BOUND = 1.0
-JOIN = 10.0  # how long a thread may take to finish before the test calls it a hang
 
 
 class MainEnded(Exception):
@@ -188,29 +187,6 @@ def ledger(caplog: pytest.LogCaptureFixture) -> Iterator[Ledger]:
         yield book
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], f"errors were logged: {errors}"
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Let the loop run until `condition()` holds.
-
-    Polled, because other threads make it true; what the test then checks does not
-    depend on how long this took.
-    """
-    while not condition():  # noqa: ASYNC110 - set by threads, which cannot set an asyncio.Event
-        await asyncio.sleep(0.001)
-
-
-def start_threads(targets: list[Callable[[], None]]) -> list[threading.Thread]:
-    threads = [threading.Thread(target=target) for target in targets]
-    for thread in threads:
-        thread.start()
-    return threads
-
-
-def join_all(threads: list[threading.Thread]) -> None:
-    for thread in threads:
-        thread.join(JOIN)
-    assert [t.name for t in threads if t.is_alive()] == [], "threads left running"
 
 
 def shut_down(executor: concurrent.futures.Executor) -> None:
@@ -445,7 +421,7 @@ def test_submitters_get_a_result_or_a_cancelled_future_never_a_pending_one(
     cancelled: list[int] = []
     # A bare loop.close() strands what is queued (API.md: nothing can run it), so
     # there a caller may give up waiting; everywhere else a future must settle.
-    patience = 0.2 if ending == "loop.close" else JOIN
+    patience = 0.2 if ending == "loop.close" else WAIT
 
     def submitter(first: int, fn: tsfn.ThreadsafeFunction[int]) -> Callable[[], None]:
         def submit_all() -> None:
@@ -606,7 +582,7 @@ def test_running_async_work_is_told_to_stop_and_completes_once(
     if ending == "loop.close":
         # Nothing tells a worker about a bare close, and complete() cannot run.
         let_go.set()
-        assert returned.wait(JOIN)
+        assert returned.wait(WAIT)
         assert completions == []
     else:
         assert returned.is_set(), "the loop ended before the work returned"
@@ -686,7 +662,7 @@ def test_call_whose_wake_up_meets_a_closed_loop_does_not_disown_a_discarded_item
         def call_soon_threadsafe(self, *args: Any, **kwargs: Any) -> Any:
             if threading.current_thread() in gated:
                 entered.set()
-                resume.wait(JOIN)
+                resume.wait(WAIT)
             return super().call_soon_threadsafe(*args, **kwargs)
 
     handed_over: list[object] = []
@@ -708,7 +684,7 @@ def test_call_whose_wake_up_meets_a_closed_loop_does_not_disown_a_discarded_item
         gated.append(threading.Thread(target=produce))
         gated[0].start()
         # The loop ends once the item is queued and its wake-up is held.
-        await asyncio.get_running_loop().run_in_executor(None, entered.wait, JOIN)
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, WAIT)
 
     _runner_run(main, PausingLoop)
     resume.set()
@@ -744,7 +720,7 @@ def test_function_created_as_its_loop_closes_raises_no_runtime_error(
             closed: bool = super().is_closed()
             if threading.current_thread() in gated and not entered.is_set():
                 entered.set()
-                resume.wait(JOIN)
+                resume.wait(WAIT)
             return closed
 
     outcome: list[object] = []
@@ -763,7 +739,7 @@ def test_function_created_as_its_loop_closes_raises_no_runtime_error(
         keep = loop.run_until_complete(first())
         gated.append(threading.Thread(target=create))
         gated[0].start()
-        assert entered.wait(JOIN)
+        assert entered.wait(WAIT)
         loop.run_until_complete(loop.shutdown_asyncgens())  # the shutdown hook runs
     finally:
         loop.close()
@@ -996,11 +972,11 @@ def test_loops_arming_their_hooks_at_once_leave_the_warning_state_alone(
 
     def first_during() -> None:
         first_inside.set()
-        assert second_inside.wait(JOIN)
+        assert second_inside.wait(WAIT)
 
     def second_during() -> None:
         second_inside.set()
-        assert first_done.wait(JOIN)
+        assert first_done.wait(WAIT)
 
     async def make_a_function(during: Callable[[], None], done: threading.Event) -> None:
         with firstiter_also_runs(during) as fired:
@@ -1016,7 +992,7 @@ def test_loops_arming_their_hooks_at_once_leave_the_warning_state_alone(
     ) -> None:
         try:
             if after is not None:
-                assert after.wait(JOIN)
+                assert after.wait(WAIT)
             asyncio_run(make_a_function(during, done), loop_factory)
         except BaseException as exc:
             errors.append(exc)

@@ -27,10 +27,9 @@ from typing import Any
 
 import psutil
 import pytest
+from _loops import LoopFactory
 
 import tsfn
-
-LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 MB = 1024 * 1024
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import random
-import threading
 import time
 from typing import Any
 
 import pytest
+from _helpers import join_all_from_loop, start_threads
 
 import tsfn
 
@@ -121,11 +122,9 @@ async def test_64_threads_with_mixed_calls_add_up_exactly(
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=produce, args=(p,)) for p in range(THREADS)]
-    for thread in threads:
-        thread.start()
+    threads = start_threads(functools.partial(produce, p) for p in range(THREADS))
     await asyncio.wait_for(fn.wait_closed(), JOIN)
-    await asyncio.get_running_loop().run_in_executor(None, _join, threads)
+    await join_all_from_loop(threads, JOIN)
 
     assert errors == []
     assert len(finished) == THREADS, "a thread never finished"
@@ -143,9 +142,3 @@ async def test_64_threads_with_mixed_calls_add_up_exactly(
             # A submission discarded by the abort is cancelled; any other has its result.
             assert future.cancelled() or future.result() == value * 2
     assert fn.qsize() == 0
-
-
-def _join(threads: list[threading.Thread]) -> None:
-    for thread in threads:
-        thread.join(JOIN)
-    assert [t.name for t in threads if t.is_alive()] == [], "threads hung"

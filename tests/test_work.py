@@ -17,10 +17,12 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from _helpers import loop_errors, set_from_worker
+from _loops import LoopFactory
 
 import tsfn
 from tsfn import AsyncWork, Status
@@ -28,16 +30,6 @@ from tsfn import AsyncWork, Status
 pytestmark = pytest.mark.timeout(20)
 
 Completion = tuple[Status, object, int]  # (status, data, thread ident) seen by complete
-
-
-def set_from_worker(event: asyncio.Event) -> Callable[[], None]:
-    """A function a worker thread calls to set `event` on the loop (the only safe way)."""
-    loop = asyncio.get_running_loop()
-
-    def signal() -> None:
-        loop.call_soon_threadsafe(event.set)
-
-    return signal
 
 
 class RecordingComplete:
@@ -163,7 +155,7 @@ def _raise_stop_iteration(_: object) -> None:
 
 @pytest.mark.parametrize("kind", ["default", "explicit"])
 def test_execute_raising_stop_iteration_reaches_the_awaiter_and_run_returns(
-    loop_factory: Callable[[], asyncio.AbstractEventLoop], kind: str
+    loop_factory: LoopFactory, kind: str
 ) -> None:
     """Issue 9, defect 8: asyncio refuses StopIteration in a future (it would end a
     generator), so `execute` raising it left `await work` hanging forever on 3.10-3.12,
@@ -323,7 +315,7 @@ async def test_cancel_before_queue_returns_false() -> None:
 
 @executor_kinds
 def test_cancel_after_a_bare_loop_close_raises_nothing(
-    loop_factory: Callable[[], asyncio.AbstractEventLoop], kind: str
+    loop_factory: LoopFactory, kind: str
 ) -> None:
     """Issue 9, defect 10: `cancel()` of a work still waiting for a worker, after its
     loop was closed directly with `loop.close()`, raised RuntimeError('Event loop is
@@ -503,21 +495,15 @@ async def test_a_pool_thread_forgets_the_cancelled_flag_after_the_work() -> None
 
 @pytest.mark.anyio
 async def test_an_exception_in_complete_goes_to_the_loops_exception_handler() -> None:
-    loop = asyncio.get_running_loop()
-    contexts: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: contexts.append(context))
     boom = RuntimeError("complete failed")
 
     def complete(status: Status, data: object) -> None:
         raise boom
 
-    try:
+    with loop_errors(asyncio.get_running_loop()) as contexts:
         work = AsyncWork(lambda d: d, complete, data="result", name="failing-complete")
         # The awaiter still gets execute's result: complete's failure is the loop's.
         assert await work == "result"
-    finally:
-        loop.set_exception_handler(previous)
     assert len(contexts) == 1
     assert contexts[0]["exception"] is boom
     assert "failing-complete" in contexts[0]["message"]
