@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import tsfn
+
 # Generous: a correct test never waits this long, a broken one fails instead of hanging.
 WAIT = 10.0
 
@@ -88,6 +90,14 @@ def wait_until(condition: Callable[[], bool]) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition never became true"
         time.sleep(0.001)
+
+
+def blocked_callers(fn: tsfn.ThreadsafeFunction[Any]) -> int:
+    """tsfn's own count of callers waiting for room (white-box).
+
+    The only way to tell a thread that is inside the wait from one about to enter it.
+    """
+    return fn._life.waiters
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
-"""Faults in user code, and calls on a function whose loop is gone.
+"""Faults in user code: each is reported, and nothing else changes.
 
 Each fault is reported (to the loop's exception handler, or to whoever awaits the
-result) and nothing else changes: later items are still delivered, discarded items
+result), and then: later items are still delivered, discarded items
 are still handed to `call_js`, counts stay exact and the finalizer runs once.
 KeyboardInterrupt and SystemExit are not faults to report but requests to stop:
 they propagate out of the loop run, and the next run carries on where it stopped.
@@ -647,52 +647,3 @@ def test_complete_raising_at_shutdown_lets_the_other_members_finish_first(
     assert order[0] == "callback started"
     assert sorted(order[1:]) == ["cleanup done", "complete CANCELLED", "finalizer"]
     assert order.index("cleanup done") < order.index("finalizer")
-
-
-# -- calls on a function whose loop was closed directly -----------------------------------
-
-
-def _function_on_a_closed_loop(
-    loop_factory: LoopFactory, **kwargs: Any
-) -> tsfn.ThreadsafeFunction[int]:
-    loop = loop_factory()
-    try:
-        fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
-            lambda _: None, loop=loop, **kwargs
-        )
-        loop.run_until_complete(asyncio.sleep(0))
-    finally:
-        loop.close()
-    return fn
-
-
-def test_calls_on_a_function_whose_loop_is_closed_raise_closing(
-    loop_factory: LoopFactory,
-) -> None:
-    fn = _function_on_a_closed_loop(loop_factory, max_queue_size=1, initial_thread_count=2)
-    for attempt in (
-        lambda: fn.call(1),
-        lambda: fn.call(1, timeout=0.5),
-        lambda: fn.call_nowait(1),
-        lambda: fn.submit(1),
-        lambda: fn.submit(1, block=False),
-    ):
-        with pytest.raises(tsfn.Closing, match="loop is closed"):
-            attempt()
-    # Releasing and aborting are still allowed and raise nothing (no RuntimeError).
-    fn.release()
-    fn.abort()
-    fn.release()
-    with pytest.raises(tsfn.Closing):
-        fn.release()  # released more than acquired
-    assert fn.qsize() == 0
-    assert not fn.closed  # the finalizer cannot run on a closed loop (API.md)
-
-
-def test_a_function_whose_loop_is_closed_is_closing_and_refuses_acquire(
-    loop_factory: LoopFactory,
-) -> None:
-    fn = _function_on_a_closed_loop(loop_factory)
-    assert fn.closing
-    with pytest.raises(tsfn.Closing):
-        fn.acquire()

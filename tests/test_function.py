@@ -17,7 +17,6 @@ import asyncio
 import functools
 import gc
 import queue
-import sys
 import threading
 import time
 from collections import deque
@@ -25,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, SupportsIndex
 
 import pytest
-from _helpers import WAIT, Worker, loop_errors, start, wait_until
+from _helpers import WAIT, Worker, blocked_callers, loop_errors, start, wait_until
 from _loops import LoopFactory, asyncio_run
 
 import tsfn
@@ -35,12 +34,6 @@ from tsfn._results import SubmitFuture
 pytestmark = pytest.mark.timeout(20)
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-def blocked_callers(fn: tsfn.ThreadsafeFunction[Any]) -> int:
-    # tsfn's own count of callers waiting for room. The only way to tell a thread
-    # that is inside the wait from one that is about to enter it.
-    return fn._life.waiters
 
 
 def wake_up_spy(monkeypatch: pytest.MonkeyPatch) -> list[Callable[..., object]]:
@@ -1379,167 +1372,3 @@ async def test_an_interrupt_as_release_or_abort_wakes_the_loop_does_not_wedge_cl
     # while the defect stands every run of this test waits it out, four times over.
     await asyncio.wait_for(fn.wait_closed(), 2.0)
     assert finalized == [True]
-
-
-# -- loop shutdown -------------------------------------------------------------------------
-
-
-class _Streaming:
-    """A function fed by a producer that calls until told Closing, with full accounting."""
-
-    def __init__(self) -> None:
-        self.delivered: list[int] = []
-        self.discarded: list[int] = []
-        self.finalized: list[int] = []  # the finalizer's thread id
-        self.accepted = 0
-        self.some_delivered: asyncio.Event | None = None
-        self.fn: tsfn.ThreadsafeFunction[int] | None = None
-        self.producer: Worker | None = None
-
-    def call_js(self, loop: object, callback: object, context: object, data: int) -> None:
-        if loop is None:
-            self.discarded.append(data)
-            return
-        self.delivered.append(data)
-        if len(self.delivered) == 10:
-            assert self.some_delivered is not None
-            self.some_delivered.set()
-
-    def produce(self) -> None:
-        assert self.fn is not None
-        while True:
-            self.fn.call(self.accepted)  # raises Closing at shutdown: the only way out
-            self.accepted += 1
-
-    async def start(self) -> None:
-        """Create the function and its producer; return once items flow."""
-        self.some_delivered = asyncio.Event()
-        self.fn = tsfn.ThreadsafeFunction(
-            call_js=self.call_js,
-            max_queue_size=1,
-            finalizer=lambda _: self.finalized.append(threading.get_ident()),
-        )
-        self.producer = start(self.produce, "streaming-producer")
-        await self.some_delivered.wait()
-
-    def check_aborted_cleanly(self) -> None:
-        assert self.fn is not None
-        assert self.producer is not None
-        self.producer.finish()
-        assert isinstance(self.producer.error, tsfn.Closing), repr(self.producer.error)
-        assert "Event loop is closed" not in str(self.producer.error)
-        assert self.finalized == [threading.get_ident()]  # once, on the loop's thread
-        assert self.fn.closing
-        assert self.fn.closed
-        # Every accepted call was delivered or discarded, once, in order.
-        assert self.delivered + self.discarded == list(range(self.accepted))
-        # And the function stays closed for anyone who tries later, from any thread.
-        fn = self.fn
-        late = start(lambda: fn.call(-1))
-        late.finish()
-        assert isinstance(late.error, tsfn.Closing)
-        assert "Event loop is closed" not in str(late.error)
-
-
-def test_asyncio_run_shutdown_aborts_an_open_function(
-    loop_factory: LoopFactory, tiny_switch_interval: None, caplog: pytest.LogCaptureFixture
-) -> None:
-    streaming = _Streaming()
-    asyncio_run(streaming.start(), loop_factory)
-    streaming.check_aborted_cleanly()
-    assert "Event loop is closed" not in caplog.text
-
-
-def test_asyncio_runner_close_aborts_an_open_function_with_a_producer_waiting(
-    loop_factory: LoopFactory, caplog: pytest.LogCaptureFixture
-) -> None:
-    if sys.version_info < (3, 11):
-        pytest.skip("asyncio.Runner is new in 3.11")
-    streaming = _Streaming()
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(streaming.start())
-        # Between runs the loop does not turn: the producer fills the queue and waits.
-        assert streaming.fn is not None
-        fn = streaming.fn
-        wait_until(lambda: blocked_callers(fn) == 1)
-    streaming.check_aborted_cleanly()
-    assert "Event loop is closed" not in caplog.text
-
-
-def test_loop_close_makes_calls_raise_closing_and_wakes_blocked_callers(
-    loop_factory: LoopFactory,
-) -> None:
-    loop = loop_factory()
-    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
-        lambda _: None, max_queue_size=1, loop=loop
-    )
-    fn.call(0)  # the loop never runs: the queue stays full
-    callers = [start(functools.partial(fn.call, i), f"blocked-{i}") for i in range(1, 4)]
-    wait_until(lambda: blocked_callers(fn) == 3)
-
-    loop.close()
-    for caller in callers:
-        caller.finish()
-        assert isinstance(caller.error, tsfn.Closing), repr(caller.error)
-    for attempt in (lambda: fn.call(9), lambda: fn.call_nowait(9), lambda: fn.submit(9)):
-        with pytest.raises(tsfn.Closing, match="closed"):
-            attempt()
-    assert not fn.closed  # the finalizer cannot run on a closed loop
-
-
-def test_loop_close_makes_the_function_closing(loop_factory: LoopFactory) -> None:
-    loop = loop_factory()
-    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None, loop=loop)
-    loop.close()
-    with pytest.raises(tsfn.Closing):
-        fn.call(1)
-    assert fn.closing
-    with pytest.raises(tsfn.Closing):
-        fn.acquire()
-
-
-@pytest.mark.parametrize(
-    "first_on_its_loop",
-    [True, False],
-    ids=["first-function-of-its-loop", "loop-already-has-a-function"],
-)
-def test_function_created_by_an_executor_job_during_shutdown_is_still_aborted(
-    loop_factory: LoopFactory, first_on_its_loop: bool
-) -> None:
-    """asyncio.run joins the default executor after closing async generators; a job
-    still running then may create a function. It must not outlive the loop open."""
-    asyncgens_closed = threading.Event()
-    finalized: list[str] = []
-    made: list[tsfn.ThreadsafeFunction[int]] = []
-    keep: list[object] = []
-
-    async def marker() -> Any:
-        try:
-            yield
-        finally:  # run by loop.shutdown_asyncgens()
-            asyncgens_closed.set()
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        if not first_on_its_loop:
-            other: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
-            other.release()
-            await other.wait_closed()
-        generator = marker()
-        await generator.asend(None)
-        keep.append(generator)  # alive until shutdown_asyncgens closes it
-
-        def job() -> None:
-            assert asyncgens_closed.wait(WAIT)
-            made.append(
-                tsfn.ThreadsafeFunction(
-                    lambda _: None, loop=loop, finalizer=lambda _: finalized.append("late")
-                )
-            )
-
-        loop.run_in_executor(None, job)  # not awaited: asyncio.run joins it at shutdown
-
-    asyncio_run(main(), loop_factory)
-    fn = made[-1]
-    assert fn.closed
-    assert finalized == ["late"]

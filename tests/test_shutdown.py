@@ -19,6 +19,11 @@ exception handler or log record sees an unexpected exception; what was accepted 
 delivered or discarded exactly once (where the finalizer can run); finalizers and
 `complete` run exactly once where they can and never where they cannot; every
 thread has finished when the test ends.
+
+Further down, the same promises without the `ENDINGS` matrix: one function fed by one
+producer as `asyncio.run` or an `asyncio.Runner` ends, a function created by an
+executor job during the shutdown, and what a function whose loop was closed directly
+still refuses and allows.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import sys
 import threading
@@ -35,7 +41,16 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
-from _helpers import WAIT, join_all, start_threads, until
+from _helpers import (
+    WAIT,
+    Worker,
+    blocked_callers,
+    join_all,
+    start,
+    start_threads,
+    until,
+    wait_until,
+)
 from _loops import LoopFactory, asyncio_run
 
 import tsfn
@@ -755,6 +770,223 @@ def test_function_created_as_its_loop_closes_raises_no_runtime_error(
             made.call(None)
     else:
         assert isinstance(made, (ValueError, tsfn.Closing)), repr(made)
+
+
+# -- a function still open when the loop ends, fed by one producer ------------------------
+
+
+class _Streaming:
+    """A function fed by a producer that calls until told Closing, with full accounting."""
+
+    def __init__(self) -> None:
+        self.delivered: list[int] = []
+        self.discarded: list[int] = []
+        self.finalized: list[int] = []  # the finalizer's thread id
+        self.accepted = 0
+        self.some_delivered: asyncio.Event | None = None
+        self.fn: tsfn.ThreadsafeFunction[int] | None = None
+        self.producer: Worker | None = None
+
+    def call_js(self, loop: object, callback: object, context: object, data: int) -> None:
+        if loop is None:
+            self.discarded.append(data)
+            return
+        self.delivered.append(data)
+        if len(self.delivered) == 10:
+            assert self.some_delivered is not None
+            self.some_delivered.set()
+
+    def produce(self) -> None:
+        assert self.fn is not None
+        while True:
+            self.fn.call(self.accepted)  # raises Closing at shutdown: the only way out
+            self.accepted += 1
+
+    async def start(self) -> None:
+        """Create the function and its producer; return once items flow."""
+        self.some_delivered = asyncio.Event()
+        self.fn = tsfn.ThreadsafeFunction(
+            call_js=self.call_js,
+            max_queue_size=1,
+            finalizer=lambda _: self.finalized.append(threading.get_ident()),
+        )
+        self.producer = start(self.produce, "streaming-producer")
+        await self.some_delivered.wait()
+
+    def check_aborted_cleanly(self) -> None:
+        assert self.fn is not None
+        assert self.producer is not None
+        self.producer.finish()
+        assert isinstance(self.producer.error, tsfn.Closing), repr(self.producer.error)
+        assert "Event loop is closed" not in str(self.producer.error)
+        assert self.finalized == [threading.get_ident()]  # once, on the loop's thread
+        assert self.fn.closing
+        assert self.fn.closed
+        # Every accepted call was delivered or discarded, once, in order.
+        assert self.delivered + self.discarded == list(range(self.accepted))
+        # And the function stays closed for anyone who tries later, from any thread.
+        fn = self.fn
+        late = start(lambda: fn.call(-1))
+        late.finish()
+        assert isinstance(late.error, tsfn.Closing)
+        assert "Event loop is closed" not in str(late.error)
+
+
+def test_asyncio_run_shutdown_aborts_an_open_function(
+    loop_factory: LoopFactory, tiny_switch_interval: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    streaming = _Streaming()
+    asyncio_run(streaming.start(), loop_factory)
+    streaming.check_aborted_cleanly()
+    assert "Event loop is closed" not in caplog.text
+
+
+def test_asyncio_runner_close_aborts_an_open_function_with_a_producer_waiting(
+    loop_factory: LoopFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    if sys.version_info < (3, 11):
+        pytest.skip("asyncio.Runner is new in 3.11")
+    streaming = _Streaming()
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(streaming.start())
+        # Between runs the loop does not turn: the producer fills the queue and waits.
+        assert streaming.fn is not None
+        fn = streaming.fn
+        wait_until(lambda: blocked_callers(fn) == 1)
+    streaming.check_aborted_cleanly()
+    assert "Event loop is closed" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "first_on_its_loop",
+    [True, False],
+    ids=["first-function-of-its-loop", "loop-already-has-a-function"],
+)
+def test_function_created_by_an_executor_job_during_shutdown_is_still_aborted(
+    loop_factory: LoopFactory, first_on_its_loop: bool
+) -> None:
+    """asyncio.run joins the default executor after closing async generators; a job
+    still running then may create a function. It must not outlive the loop open."""
+    asyncgens_closed = threading.Event()
+    finalized: list[str] = []
+    made: list[tsfn.ThreadsafeFunction[int]] = []
+    keep: list[object] = []
+
+    async def marker() -> Any:
+        try:
+            yield
+        finally:  # run by loop.shutdown_asyncgens()
+            asyncgens_closed.set()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        if not first_on_its_loop:
+            other: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
+            other.release()
+            await other.wait_closed()
+        generator = marker()
+        await generator.asend(None)
+        keep.append(generator)  # alive until shutdown_asyncgens closes it
+
+        def job() -> None:
+            assert asyncgens_closed.wait(WAIT)
+            made.append(
+                tsfn.ThreadsafeFunction(
+                    lambda _: None, loop=loop, finalizer=lambda _: finalized.append("late")
+                )
+            )
+
+        loop.run_in_executor(None, job)  # not awaited: asyncio.run joins it at shutdown
+
+    asyncio_run(main(), loop_factory)
+    fn = made[-1]
+    assert fn.closed
+    assert finalized == ["late"]
+
+
+# -- a function whose loop was closed directly -------------------------------------------
+#
+# API.md: after a bare loop.close() calls raise `Closing` and blocked callers wake with
+# `Closing`; the finalizer cannot run on a closed loop. The same holds whether the loop
+# never ran, ran a turn, or was closed with an item still queued.
+
+CLOSED_LOOP_STATES = ["never-ran", "ran-a-turn", "item-queued"]
+
+
+def _function_on_a_closed_loop(
+    loop_factory: LoopFactory, state: str
+) -> tsfn.ThreadsafeFunction[int]:
+    loop = loop_factory()
+    try:
+        fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+            lambda _: None, loop=loop, max_queue_size=1, initial_thread_count=2
+        )
+        if state == "ran-a-turn":
+            loop.run_until_complete(asyncio.sleep(0))
+        elif state == "item-queued":
+            fn.call(0)  # the loop never runs: the queue stays full
+    finally:
+        loop.close()
+    return fn
+
+
+def _queued_before_the_close(state: str) -> int:
+    return 1 if state == "item-queued" else 0
+
+
+@pytest.mark.parametrize("state", CLOSED_LOOP_STATES)
+def test_a_function_whose_loop_is_closed_is_closing_and_refuses_new_work(
+    loop_factory: LoopFactory, state: str
+) -> None:
+    fn = _function_on_a_closed_loop(loop_factory, state)
+    assert fn.closing
+    for attempt in (
+        lambda: fn.call(1),
+        lambda: fn.call(1, timeout=0.5),
+        lambda: fn.call_nowait(1),  # Closing, not QueueFull, even with the queue full
+        lambda: fn.submit(1),
+        lambda: fn.submit(1, block=False),
+        fn.acquire,
+    ):
+        with pytest.raises(tsfn.Closing, match="loop is closed"):
+            attempt()
+    assert fn.qsize() == _queued_before_the_close(state)  # the refused calls queued nothing
+    assert not fn.closed  # the finalizer cannot run on a closed loop
+
+
+@pytest.mark.parametrize("state", CLOSED_LOOP_STATES)
+def test_release_and_abort_on_a_function_whose_loop_is_closed_raise_nothing_new(
+    loop_factory: LoopFactory, state: str
+) -> None:
+    fn = _function_on_a_closed_loop(loop_factory, state)
+    # Releasing and aborting are still allowed and raise nothing (no RuntimeError).
+    fn.release()
+    fn.abort()
+    fn.release()
+    with pytest.raises(tsfn.Closing):
+        fn.release()  # released more than acquired
+    # Nothing can run on a closed loop, so an item queued before the close is neither
+    # delivered nor discarded through call_js by the abort: it stays (README's limits).
+    assert fn.qsize() == _queued_before_the_close(state)
+    assert not fn.closed
+
+
+def test_loop_close_wakes_callers_blocked_for_room_with_closing(
+    loop_factory: LoopFactory,
+) -> None:
+    loop = loop_factory()
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+        lambda _: None, max_queue_size=1, loop=loop
+    )
+    fn.call(0)  # the loop never runs: the queue stays full
+    callers = [start(functools.partial(fn.call, i), f"blocked-{i}") for i in range(1, 4)]
+    wait_until(lambda: blocked_callers(fn) == 3)
+
+    loop.close()
+    for caller in callers:
+        caller.finish()
+        assert isinstance(caller.error, tsfn.Closing), repr(caller.error)
+    assert not fn.closed  # the finalizer cannot run on a closed loop
 
 
 # -- calls racing a bare loop.close() --------------------------------------------------------
