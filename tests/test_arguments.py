@@ -23,7 +23,7 @@ from _loops import LoopFactory
 
 import tsfn
 
-pytestmark = pytest.mark.timeout(10)
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(10)]
 
 
 class _NotAnExecutor:
@@ -224,7 +224,6 @@ def test_async_work_rejects_a_bad_argument(
     _check_message(caught.value, argument, value)
 
 
-@pytest.mark.anyio
 async def test_async_work_queued_twice_raises_runtime_error() -> None:
     work: tsfn.AsyncWork[None, int] = tsfn.AsyncWork(lambda _: 7)
     assert work.queue() is work
@@ -233,7 +232,6 @@ async def test_async_work_queued_twice_raises_runtime_error() -> None:
     assert await work == 7  # the first queue() is unaffected
 
 
-@pytest.mark.anyio
 async def test_async_work_queued_after_await_raises_runtime_error() -> None:
     """Awaiting a work queues it, so a later queue() is the second one."""
     work: tsfn.AsyncWork[None, int] = tsfn.AsyncWork(lambda _: 7)

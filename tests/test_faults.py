@@ -24,7 +24,7 @@ from _loops import LoopFactory, asyncio_run
 
 import tsfn
 
-pytestmark = pytest.mark.timeout(20)
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(20)]
 
 
 class Boom(Exception):
@@ -51,7 +51,6 @@ def produce(fn: tsfn.ThreadsafeFunction[int], items: range) -> threading.Thread:
 # -- faults reported to the loop, delivery goes on ---------------------------------------
 
 
-@pytest.mark.anyio
 async def test_raising_callback_is_reported_and_later_items_are_still_delivered() -> None:
     delivered: list[int] = []
     finalized: list[int] = []
@@ -77,7 +76,6 @@ async def test_raising_callback_is_reported_and_later_items_are_still_delivered(
     assert fn.qsize() == 0
 
 
-@pytest.mark.anyio
 async def test_raising_callback_fails_only_its_own_submit_future() -> None:
 
     def callback(item: int) -> int:
@@ -106,7 +104,6 @@ def other_loop() -> Iterator[asyncio.AbstractEventLoop]:
         loop.close()
 
 
-@pytest.mark.anyio
 async def test_submit_whose_callback_returns_another_loops_future_fails_that_future(
     other_loop: asyncio.AbstractEventLoop,
 ) -> None:
@@ -126,7 +123,6 @@ async def test_submit_whose_callback_returns_another_loops_future_fails_that_fut
     assert reports == []
 
 
-@pytest.mark.anyio
 async def test_callback_returning_another_loops_future_is_reported_as_a_callback_fault(
     other_loop: asyncio.AbstractEventLoop,
 ) -> None:
@@ -151,7 +147,6 @@ async def test_callback_returning_another_loops_future_is_reported_as_a_callback
     assert reports[0]["message"].startswith("Exception in the callback")
 
 
-@pytest.mark.anyio
 async def test_raising_async_callback_is_reported_before_the_finalizer_runs() -> None:
     events: list[str] = []
 
@@ -174,7 +169,6 @@ async def test_raising_async_callback_is_reported_before_the_finalizer_runs() ->
     assert [type(e) for e in reported(reports)] == [Boom]
 
 
-@pytest.mark.anyio
 async def test_call_js_raising_while_discarding_is_reported_and_the_rest_still_discarded() -> None:
     discarded: list[int] = []
     events: list[str] = []
@@ -202,7 +196,6 @@ async def test_call_js_raising_while_discarding_is_reported_and_the_rest_still_d
     assert fn.qsize() == 0
 
 
-@pytest.mark.anyio
 async def test_raising_finalizer_is_reported_and_the_function_still_closes() -> None:
     calls: list[object] = []
 
@@ -225,7 +218,6 @@ async def test_raising_finalizer_is_reported_and_the_function_still_closes() -> 
         fn.call(2)
 
 
-@pytest.mark.anyio
 async def test_raising_execute_reaches_the_awaiter_and_complete_gets_error() -> None:
     completions: list[tuple[tsfn.Status, object]] = []
 
@@ -241,7 +233,6 @@ async def test_raising_execute_reaches_the_awaiter_and_complete_gets_error() -> 
     assert work.status is tsfn.Status.ERROR
 
 
-@pytest.mark.anyio
 async def test_raising_complete_is_reported_and_the_result_still_arrives() -> None:
 
     def complete(status: tsfn.Status, data: object) -> None:
@@ -280,7 +271,6 @@ def test_work_on_a_shut_down_executor_raises_to_the_caller(
     assert completions == []  # never queued, so never completed (Node: an error status)
 
 
-@pytest.mark.anyio
 async def test_awaiting_a_refused_work_again_raises_instead_of_hanging() -> None:
     executor = concurrent.futures.ThreadPoolExecutor(1)
     executor.shutdown()

@@ -31,7 +31,7 @@ import tsfn
 from tsfn._asyncio import AsyncioPort
 from tsfn._results import SubmitFuture
 
-pytestmark = pytest.mark.timeout(20)
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(20)]
 
 # -- helpers -------------------------------------------------------------------------------
 
@@ -62,7 +62,6 @@ def drains_of(fn: tsfn.ThreadsafeFunction[Any], scheduled: list[Callable[..., ob
 # -- call: blocking, non-blocking, timeout -------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_callback_runs_later_on_the_loop_thread_never_inside_call() -> None:
     loop_thread = threading.get_ident()
     seen: list[tuple[int, int]] = []
@@ -82,7 +81,6 @@ async def test_callback_runs_later_on_the_loop_thread_never_inside_call() -> Non
     assert seen == [(1, loop_thread), (2, loop_thread), (3, loop_thread)]
 
 
-@pytest.mark.anyio
 async def test_call_nowait_on_a_full_queue_raises_queue_full_which_is_a_queue_full() -> None:
     got: list[str] = []
     fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(got.append, max_queue_size=1)
@@ -97,7 +95,6 @@ async def test_call_nowait_on_a_full_queue_raises_queue_full_which_is_a_queue_fu
     assert got == ["first"]
 
 
-@pytest.mark.anyio
 async def test_blocking_call_on_the_loop_thread_with_a_full_queue_raises_would_deadlock() -> None:
     got: list[str] = []
     fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(got.append, max_queue_size=1)
@@ -128,7 +125,6 @@ async def test_blocking_call_on_the_loop_thread_with_a_full_queue_raises_would_d
     assert got == ["first"]
 
 
-@pytest.mark.anyio
 async def test_would_deadlock_is_a_tsfn_error_but_not_queue_full() -> None:
     assert issubclass(tsfn.WouldDeadlock, tsfn.TsfnError)
     assert not issubclass(tsfn.WouldDeadlock, queue.Full)
@@ -225,7 +221,6 @@ def test_a_timeout_too_large_to_time_waits_like_no_timeout(
 # -- submit --------------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_submit_future_gets_the_callback_return_value() -> None:
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda n: n * 10)
     on_loop = fn.submit(4)
@@ -237,7 +232,6 @@ async def test_submit_future_gets_the_callback_return_value() -> None:
     await fn.wait_closed()
 
 
-@pytest.mark.anyio
 async def test_submit_future_gets_the_callback_exception_not_the_loop_handler() -> None:
     boom = ValueError("boom")
 
@@ -255,7 +249,6 @@ async def test_submit_future_gets_the_callback_exception_not_the_loop_handler() 
     assert errors == []
 
 
-@pytest.mark.anyio
 async def test_submit_awaits_an_awaitable_result_on_the_loop_before_finalizing() -> None:
     gate = asyncio.Event()
     finalized: list[bool] = []
@@ -279,7 +272,6 @@ async def test_submit_awaits_an_awaitable_result_on_the_loop_before_finalizing()
     assert finalized == [True]
 
 
-@pytest.mark.anyio
 async def test_abort_cancels_the_future_of_a_discarded_item_and_hands_call_js_its_data() -> None:
     discarded: list[tuple[object, object, object, object]] = []
 
@@ -297,7 +289,6 @@ async def test_abort_cancels_the_future_of_a_discarded_item_and_hands_call_js_it
     assert discarded == [(None, None, "ctx", "payload")]
 
 
-@pytest.mark.anyio
 async def test_abort_cancels_the_future_of_an_awaitable_still_running() -> None:
     never = asyncio.Event()
 
@@ -314,7 +305,6 @@ async def test_abort_cancels_the_future_of_an_awaitable_still_running() -> None:
     assert future.cancelled()
 
 
-@pytest.mark.anyio
 async def test_submit_cancelled_before_delivery_discards_the_item() -> None:
     delivered: list[str] = []
     discarded: list[str] = []
@@ -336,7 +326,6 @@ async def test_submit_cancelled_before_delivery_discards_the_item() -> None:
     assert discarded == ["unwanted"]
 
 
-@pytest.mark.anyio
 async def test_submit_future_cannot_be_cancelled_while_its_callback_runs() -> None:
     """Issue 9, defect 5: `cancel()` on the future of a plain callback that is running
     returned True, and the result the callback then returned was lost. A running
@@ -370,7 +359,6 @@ async def test_submit_future_cannot_be_cancelled_while_its_callback_runs() -> No
     assert worker.result == (True, False, 42)
 
 
-@pytest.mark.anyio
 async def test_submit_future_cannot_be_cancelled_once_its_callback_has_returned(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -402,7 +390,6 @@ async def test_submit_future_cannot_be_cancelled_once_its_callback_has_returned(
     assert future.result(0) == 42
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("canceller", ["loop thread", "worker thread"])
 async def test_cancelling_the_future_of_a_running_async_callback_cancels_its_task(
     canceller: str,
@@ -443,7 +430,6 @@ async def test_cancelling_the_future_of_a_running_async_callback_cancels_its_tas
 # -- producers: acquire, release, abort ----------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_acquire_returns_a_context_manager_that_releases() -> None:
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
     with fn.acquire():
@@ -456,7 +442,6 @@ async def test_acquire_returns_a_context_manager_that_releases() -> None:
     await fn.wait_closed()
 
 
-@pytest.mark.anyio
 async def test_acquire_once_closing_raises_closing() -> None:
     released: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
     released.release()
@@ -470,7 +455,6 @@ async def test_acquire_once_closing_raises_closing() -> None:
             fn.acquire()
 
 
-@pytest.mark.anyio
 async def test_releasing_more_than_acquired_raises_closing() -> None:
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
         lambda _: None, initial_thread_count=2
@@ -485,7 +469,6 @@ async def test_releasing_more_than_acquired_raises_closing() -> None:
         fn.release()
 
 
-@pytest.mark.anyio
 async def test_calls_after_the_last_release_raise_closing_and_queued_items_still_arrive() -> None:
     got: list[int] = []
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(got.append)
@@ -500,7 +483,6 @@ async def test_calls_after_the_last_release_raise_closing_and_queued_items_still
     assert got == [1, 2]
 
 
-@pytest.mark.anyio
 async def test_release_after_abort_is_allowed_while_producers_remain() -> None:
     finalized: list[object] = []
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
@@ -516,7 +498,6 @@ async def test_release_after_abort_is_allowed_while_producers_remain() -> None:
     assert finalized == [None]
 
 
-@pytest.mark.anyio
 async def test_abort_is_idempotent() -> None:
     finalized: list[object] = []
     discarded: list[object] = []
@@ -571,7 +552,6 @@ def test_closing_wakes_every_caller_blocked_for_room_with_closing(
 # -- ref / unref ---------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_ref_and_unref_only_on_the_loop_thread() -> None:
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
     for method in ("ref", "unref"):
@@ -622,7 +602,6 @@ def test_ref_and_unref_are_not_counted(loop_factory: LoopFactory) -> None:
 # -- properties ----------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_properties_follow_the_lifecycle() -> None:
     context = object()
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
@@ -650,7 +629,6 @@ async def test_properties_follow_the_lifecycle() -> None:
     assert fn.closed
 
 
-@pytest.mark.anyio
 async def test_name_defaults_to_none_and_context_to_none() -> None:
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
     assert fn.name is None
@@ -662,7 +640,6 @@ async def test_name_defaults_to_none_and_context_to_none() -> None:
 # -- wait_closed and async with ------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_wait_closed_returns_after_the_finalizer_for_every_waiter() -> None:
     order: list[str] = []
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
@@ -697,7 +674,6 @@ def _cancelled_waiters_alive() -> int:
     )
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("how", ["cancelled", "timed out"])
 async def test_abandoned_wait_closed_calls_leave_no_waiter_behind(how: str) -> None:
     """Issue 9, defect 14: each wait_closed() that was cancelled or timed out left its
@@ -734,7 +710,6 @@ async def test_abandoned_wait_closed_calls_leave_no_waiter_behind(how: str) -> N
     assert finalized == [True]
 
 
-@pytest.mark.anyio
 async def test_async_with_waits_for_the_producers_to_finish() -> None:
     got: list[int] = []
     async with tsfn.ThreadsafeFunction(got.append) as fn:
@@ -750,7 +725,6 @@ async def test_async_with_waits_for_the_producers_to_finish() -> None:
     worker.finish()
 
 
-@pytest.mark.anyio
 async def test_async_with_aborts_first_when_the_body_raises() -> None:
     """Nobody will release the initial producer: without the abort, this would hang."""
     discarded: list[int] = []
@@ -776,7 +750,6 @@ async def test_async_with_aborts_first_when_the_body_raises() -> None:
     assert discarded == [1]
 
 
-@pytest.mark.anyio
 async def test_async_with_enters_as_the_function_itself() -> None:
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
     async with fn as entered:
@@ -787,7 +760,6 @@ async def test_async_with_enters_as_the_function_itself() -> None:
 # -- callbacks, call_js, finalizer ---------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_callback_exception_goes_to_the_loop_handler_and_delivery_continues() -> None:
     got: list[int] = []
     boom = ValueError("item 2 is bad")
@@ -808,7 +780,6 @@ async def test_callback_exception_goes_to_the_loop_handler_and_delivery_continue
     assert "flaky" in errors[0]["message"]
 
 
-@pytest.mark.anyio
 async def test_call_js_and_finalizer_exceptions_go_to_the_loop_handler() -> None:
     delivery, discard, final = ValueError("delivery"), KeyError("discard"), OSError("final")
 
@@ -832,7 +803,6 @@ async def test_call_js_and_finalizer_exceptions_go_to_the_loop_handler() -> None
     assert [error["exception"] for error in errors] == [delivery, discard, final]
 
 
-@pytest.mark.anyio
 async def test_call_js_gets_the_loop_the_callback_the_context_and_the_data() -> None:
     loop = asyncio.get_running_loop()
     calls: list[tuple[object, object, object, object]] = []
@@ -857,7 +827,6 @@ async def test_call_js_gets_the_loop_the_callback_the_context_and_the_data() -> 
     assert calls == [(loop, callback, "ctx", "a"), (loop, None, "ctx", "b")]
 
 
-@pytest.mark.anyio
 async def test_abort_inside_a_callback_stops_delivery_at_once() -> None:
     """Items queued behind the one being delivered are not delivered after abort(), even
     those the running drain had already picked up: they go to call_js as discards."""
@@ -879,7 +848,6 @@ async def test_abort_inside_a_callback_stops_delivery_at_once() -> None:
     assert (delivered, discarded) == ([0, 1], [2, 3, 4])
 
 
-@pytest.mark.anyio
 async def test_an_async_call_js_is_awaited_for_discarded_items_before_the_finalizer() -> None:
     """Issue 9, defect 16: an `async def call_js` was awaited for delivered items but not
     for discarded ones: those coroutines were dropped ("coroutine ... was never
@@ -903,7 +871,6 @@ async def test_an_async_call_js_is_awaited_for_discarded_items_before_the_finali
     assert order == [("discarded", 0), ("discarded", 1), ("discarded", 2), "finalized"]
 
 
-@pytest.mark.anyio
 async def test_an_async_finalizer_is_awaited_or_refused_never_dropped() -> None:
     """Sibling of issue 9, defect 16: a finalizer written as `async def` returns a
     coroutine. Dropping it ("coroutine ... was never awaited") skips its cleanup in
@@ -933,7 +900,6 @@ async def test_an_async_finalizer_is_awaited_or_refused_never_dropped() -> None:
     assert ran == [True]
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("max_queue_size", [0, 1], ids=["unbounded", "bounded"])
 async def test_no_wake_up_is_lost_when_each_call_waits_for_its_delivery(
     max_queue_size: int, tiny_switch_interval: None
@@ -966,7 +932,6 @@ async def test_no_wake_up_is_lost_when_each_call_waits_for_its_delivery(
     assert got == list(range(rounds))
 
 
-@pytest.mark.anyio
 async def test_finalizer_runs_once_on_the_loop_thread_after_every_item(
     tiny_switch_interval: None,
 ) -> None:
@@ -999,7 +964,6 @@ async def test_finalizer_runs_once_on_the_loop_thread_after_every_item(
 # -- wake-ups ------------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_calls_while_a_drain_is_pending_cost_one_wake_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1027,7 +991,6 @@ async def test_calls_while_a_drain_is_pending_cost_one_wake_up(
     assert got == list(range(1102))
 
 
-@pytest.mark.anyio
 async def test_calls_while_a_drain_runs_wake_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     """Items queued while a callback runs are picked up by that drain's follow-up."""
     scheduled = wake_up_spy(monkeypatch)
@@ -1054,7 +1017,6 @@ async def test_calls_while_a_drain_runs_wake_nothing(monkeypatch: pytest.MonkeyP
     assert got == list(range(501))
 
 
-@pytest.mark.anyio
 async def test_a_drain_delivers_at_most_1000_items_then_lets_other_callbacks_run() -> None:
     got: list[object] = []
 
@@ -1106,7 +1068,6 @@ class _QueueWithAHook(deque[Any]):
         return not empty  # the look taken before the producer's append
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("max_queue_size", [0, 10], ids=["unbounded", "bounded"])
 async def test_an_item_queued_as_the_drain_goes_idle_is_still_delivered(
     max_queue_size: int,
@@ -1149,7 +1110,6 @@ class _InflightWithAHook(set[object]):
         return len(self) > 0
 
 
-@pytest.mark.anyio
 async def test_a_call_that_passed_the_closing_check_lands_before_abort_discards() -> None:
     """An unbounded call checked `closing` (not yet set) and is about to append when the
     loop aborts. abort must wait for it, so the item is discarded like the others:
@@ -1259,7 +1219,6 @@ class _TokenTakenThenInterrupted(list[None]):
         return taken
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("max_queue_size", [0, 4], ids=["unbounded", "bounded"])
 async def test_an_interrupt_after_taking_the_wake_token_does_not_wedge_the_function(
     max_queue_size: int,
@@ -1306,7 +1265,6 @@ class _MarkedThenInterrupted(set[object]):
             raise KeyboardInterrupt
 
 
-@pytest.mark.anyio
 async def test_an_interrupt_after_marking_a_call_in_flight_leaves_no_marker() -> None:
     """Issue 9, defect 3 (its 3.10 half): an interrupt between marking an unbounded call
     in flight and entering the `try` that unmarks it left the marker behind, and the
@@ -1336,7 +1294,6 @@ async def test_an_interrupt_after_marking_a_call_in_flight_leaves_no_marker() ->
     "_wake(); an interrupt landing at _wake's entry (where CPython checks for pending "
     "signals and async exceptions) loses the only wake-up that would finalize",
 )
-@pytest.mark.anyio
 @pytest.mark.parametrize("closer", ["release", "abort"])
 async def test_an_interrupt_as_release_or_abort_wakes_the_loop_does_not_wedge_closing(
     closer: str,

@@ -30,7 +30,7 @@ from _helpers import WAIT, join_all, join_all_from_loop, start_threads, until
 import tsfn
 import tsfn._lifecycle
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
 
 @pytest.fixture
@@ -115,7 +115,6 @@ HOWS = ["call", "nowait", "timed", "submit"]
 # -- many threads, tiny queues ----------------------------------------------------------------
 
 
-@pytest.mark.anyio
 @pytest.mark.usefixtures("tiny_switch_interval")
 @pytest.mark.parametrize(("producers", "queue_size"), [(32, 1), (64, 2), (48, 4), (64, 0)])
 async def test_many_threads_on_a_tiny_queue_deliver_every_item_once_in_order(
@@ -164,7 +163,6 @@ async def test_many_threads_on_a_tiny_queue_deliver_every_item_once_in_order(
     assert fn.qsize() == 0
 
 
-@pytest.mark.anyio
 @pytest.mark.usefixtures("tiny_switch_interval", "no_poll")
 @pytest.mark.parametrize("seed", range(6))
 async def test_abort_at_a_random_point_wakes_every_caller_and_loses_nothing(seed: int) -> None:
@@ -212,7 +210,6 @@ async def test_abort_at_a_random_point_wakes_every_caller_and_loses_nothing(seed
 # -- nodejs/node#58723: blocked producers must all be woken ----------------------------------
 
 
-@pytest.mark.anyio
 @pytest.mark.usefixtures("no_poll")
 @pytest.mark.parametrize("producers", [4, 9, 16])
 @pytest.mark.parametrize("queue_size", [1, 2, 5, 64])
@@ -249,7 +246,6 @@ async def test_blocking_producers_on_a_small_queue_never_hang(
         assert sorted(delivered) == [(p, s) for p in range(producers) for s in range(items)]
 
 
-@pytest.mark.anyio
 @pytest.mark.usefixtures("no_poll")
 @pytest.mark.parametrize("how", ["abort", "release"])
 @pytest.mark.parametrize(("producers", "queue_size"), [(4, 1), (16, 4), (64, 1)])
@@ -295,7 +291,6 @@ async def test_closing_wakes_every_blocked_caller_at_once(
     assert record.finalized == [queue_size]
 
 
-@pytest.mark.anyio
 async def test_producers_that_keep_calling_after_closing_do_not_stall_the_loop() -> None:
     """A producer may treat Closing as "drop it" and keep going (a log handler does).
 
@@ -334,7 +329,6 @@ async def test_producers_that_keep_calling_after_closing_do_not_stall_the_loop()
 # -- submit futures cancelled by their callers while the loop delivers ----------------------
 
 
-@pytest.mark.anyio
 @pytest.mark.usefixtures("tiny_switch_interval")
 async def test_submitters_cancelling_their_futures_race_delivery_without_loss() -> None:
     producers, items = 16, 60
@@ -373,7 +367,6 @@ async def test_submitters_cancelling_their_futures_race_delivery_without_loss() 
 # -- streams whose consumers leave at random points -----------------------------------------
 
 
-@pytest.mark.anyio
 @pytest.mark.usefixtures("tiny_switch_interval")
 @pytest.mark.parametrize("latest", [False, True], ids=["queue", "latest"])
 async def test_many_streams_left_early_stop_their_workers_and_keep_order(latest: bool) -> None:
@@ -422,7 +415,6 @@ async def test_many_streams_left_early_stop_their_workers_and_keep_order(latest:
         await asyncio.get_running_loop().run_in_executor(None, executor.shutdown)
 
 
-@pytest.mark.anyio
 @pytest.mark.usefixtures("tiny_switch_interval")
 async def test_latest_stream_always_delivers_the_last_item_under_races() -> None:
     for round_ in range(20):
@@ -445,7 +437,6 @@ async def test_latest_stream_always_delivers_the_last_item_under_races() -> None
 # -- AsyncWork cancelled while a worker may be picking it up --------------------------------
 
 
-@pytest.mark.anyio
 @pytest.mark.usefixtures("tiny_switch_interval")
 @pytest.mark.parametrize("own_executor", [False, True], ids=["default", "own"])
 async def test_cancel_racing_start_either_runs_or_cancels_never_both(own_executor: bool) -> None:

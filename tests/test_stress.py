@@ -21,7 +21,10 @@ from _helpers import join_all_from_loop, start_threads
 
 import tsfn
 
-pytestmark = pytest.mark.timeout(600)  # the soak variant; the normal one takes seconds
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.timeout(600),
+]  # the soak variant; the normal one takes seconds
 
 THREADS = 64
 ITEMS = 1000  # per thread in the normal run; the soak run uses 20,000
@@ -61,7 +64,6 @@ class Totals:
         self.finalized.append(self.delivered[0] + self.discarded[0])
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize(
     "items",
     [pytest.param(ITEMS, id="normal"), pytest.param(20_000, marks=pytest.mark.soak, id="soak")],

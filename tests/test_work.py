@@ -27,7 +27,7 @@ from _loops import LoopFactory
 import tsfn
 from tsfn import AsyncWork, Status
 
-pytestmark = pytest.mark.timeout(20)
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(20)]
 
 Completion = tuple[Status, object, int]  # (status, data, thread ident) seen by complete
 
@@ -92,7 +92,6 @@ executor_kinds = pytest.mark.parametrize("kind", ["default", "explicit"])
 # -- the basic contract --------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_AW2_execute_on_a_worker_complete_on_the_loop_thread() -> None:
     loop_thread = threading.get_ident()
     execute_threads: list[int] = []
@@ -114,7 +113,6 @@ async def test_AW2_execute_on_a_worker_complete_on_the_loop_thread() -> None:
     assert work.status is Status.OK
 
 
-@pytest.mark.anyio
 async def test_awaiting_a_work_that_was_never_queued_queues_it() -> None:
     work = AsyncWork(lambda d: d + 1, data=41)
     assert await work == 42
@@ -123,7 +121,6 @@ async def test_awaiting_a_work_that_was_never_queued_queues_it() -> None:
         work.queue()
 
 
-@pytest.mark.anyio
 async def test_queue_twice_raises_runtime_error() -> None:
     work = AsyncWork(lambda d: d, data="x")
     work.queue()
@@ -132,7 +129,6 @@ async def test_queue_twice_raises_runtime_error() -> None:
     assert await work == "x"
 
 
-@pytest.mark.anyio
 async def test_execute_exception_is_raised_by_await_and_complete_gets_error() -> None:
     boom = ValueError("execute failed")
 
@@ -188,7 +184,6 @@ def test_execute_raising_stop_iteration_reaches_the_awaiter_and_run_returns(
     assert completed == [Status.ERROR, Status.ERROR]
 
 
-@pytest.mark.anyio
 async def test_execute_raising_stop_iteration_in_a_process_pool_reaches_the_awaiter() -> None:
     """Issue 9, defect 8, in another process: what carries StopIteration out of the
     worker must survive pickling, or the parent cannot read the result, the process
@@ -208,7 +203,6 @@ async def test_execute_raising_stop_iteration_in_a_process_pool_reaches_the_awai
     assert [s for s, _, _ in complete.calls] == [Status.ERROR]
 
 
-@pytest.mark.anyio
 async def test_an_async_complete_is_awaited_or_refused_never_dropped() -> None:
     """Sibling of issue 9, defect 16: `complete` written as `async def` returns a
     coroutine; dropping it ("coroutine ... was never awaited") skips it in silence.
@@ -234,7 +228,6 @@ async def test_an_async_complete_is_awaited_or_refused_never_dropped() -> None:
     assert ran == [Status.OK]
 
 
-@pytest.mark.anyio
 async def test_complete_may_be_omitted() -> None:
     # Node allows a NULL complete: completion then does nothing.
     assert await AsyncWork(lambda d: d * 3, data=3) == 9
@@ -244,7 +237,6 @@ async def test_complete_may_be_omitted() -> None:
 
 
 @executor_kinds
-@pytest.mark.anyio
 async def test_AW3_cancel_before_start_never_runs_and_completes_cancelled(kind: str) -> None:
     ran: list[object] = []
     complete = RecordingComplete()
@@ -268,7 +260,6 @@ async def test_AW3_cancel_before_start_never_runs_and_completes_cancelled(kind: 
 
 
 @executor_kinds
-@pytest.mark.anyio
 async def test_W2_cancel_while_running_returns_false_and_the_work_finishes(kind: str) -> None:
     started = asyncio.Event()
     finish = threading.Event()
@@ -296,7 +287,6 @@ async def test_W2_cancel_while_running_returns_false_and_the_work_finishes(kind:
     assert [(s, d) for s, d, _ in complete.calls] == [(Status.OK, 1)]
 
 
-@pytest.mark.anyio
 async def test_cancel_after_done_returns_false() -> None:
     complete = RecordingComplete()
     work = AsyncWork(lambda d: d, complete, data=7)
@@ -306,7 +296,6 @@ async def test_cancel_after_done_returns_false() -> None:
     assert len(complete.calls) == 1
 
 
-@pytest.mark.anyio
 async def test_cancel_before_queue_returns_false() -> None:
     work = AsyncWork(lambda d: d, data=7)
     assert work.cancel() is False
@@ -346,7 +335,6 @@ def test_cancel_after_a_bare_loop_close_raises_nothing(
 # -- executors ---------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_the_loops_default_executor_is_honoured() -> None:
     with concurrent.futures.ThreadPoolExecutor(thread_name_prefix="my-default") as pool:
         asyncio.get_running_loop().set_default_executor(pool)
@@ -354,7 +342,6 @@ async def test_the_loops_default_executor_is_honoured() -> None:
     assert name.startswith("my-default")
 
 
-@pytest.mark.anyio
 async def test_an_explicit_executor_is_used_instead_of_the_default() -> None:
     with (
         concurrent.futures.ThreadPoolExecutor(thread_name_prefix="my-default") as default,
@@ -370,7 +357,6 @@ def _execute_in_child(data: int) -> tuple[int, bool, int]:
     return os.getpid(), tsfn.cancelled(), data * 2
 
 
-@pytest.mark.anyio
 async def test_a_process_pool_runs_picklable_work_in_another_process() -> None:
     complete = RecordingComplete()
     # spawn: forking a multi-threaded test process is unsafe (and warns on 3.12+).
@@ -388,7 +374,6 @@ async def test_a_process_pool_runs_picklable_work_in_another_process() -> None:
 
 
 @executor_kinds
-@pytest.mark.anyio
 async def test_cancelling_the_awaiting_task_cancels_a_work_not_yet_started(kind: str) -> None:
     ran: list[object] = []
     complete = RecordingComplete()
@@ -413,7 +398,6 @@ async def test_cancelling_the_awaiting_task_cancels_a_work_not_yet_started(kind:
 
 
 @executor_kinds
-@pytest.mark.anyio
 async def test_a_started_work_sees_cancelled_once_its_awaiting_task_is_cancelled(
     kind: str,
 ) -> None:
@@ -453,7 +437,6 @@ async def _await(work: AsyncWork[Any, Any]) -> Any:
     return await work
 
 
-@pytest.mark.anyio
 async def test_cancelled_is_false_outside_workers() -> None:
     assert tsfn.cancelled() is False  # on the loop thread
 
@@ -467,7 +450,6 @@ async def test_cancelled_is_false_outside_workers() -> None:
     assert await loop.run_in_executor(None, tsfn.cancelled) is False
 
 
-@pytest.mark.anyio
 async def test_a_pool_thread_forgets_the_cancelled_flag_after_the_work() -> None:
     # A flag set for one work must not leak into the next job on the same thread.
     started = asyncio.Event()
@@ -493,7 +475,6 @@ async def test_a_pool_thread_forgets_the_cancelled_flag_after_the_work() -> None
 # -- errors in complete --------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_an_exception_in_complete_goes_to_the_loops_exception_handler() -> None:
     boom = RuntimeError("complete failed")
 
@@ -510,7 +491,6 @@ async def test_an_exception_in_complete_goes_to_the_loops_exception_handler() ->
 
 
 @executor_kinds
-@pytest.mark.anyio
 async def test_cancel_racing_the_start_either_cancels_or_runs_never_both(
     kind: str, tiny_switch_interval: None
 ) -> None:
