@@ -15,6 +15,10 @@ import tsfn
 WAIT = 10.0
 
 
+class Boom(Exception):
+    """The fault the tests inject; nothing in tsfn raises it."""
+
+
 class Worker(threading.Thread):
     """A thread that keeps what its target returned or raised, for the test to check."""
 

@@ -1,10 +1,10 @@
-"""Faults in user code: each is reported, and nothing else changes.
+"""Faults in user code and in the loop run: each is reported, and nothing else changes.
 
-Each fault is reported (to the loop's exception handler, or to whoever awaits the
-result), and then: later items are still delivered, discarded items
-are still handed to `call_js`, counts stay exact and the finalizer runs once.
-KeyboardInterrupt and SystemExit are not faults to report but requests to stop:
-they propagate out of the loop run, and the next run carries on where it stopped.
+Each fault is reported (to whoever awaits the result here; to the loop's exception
+handler in test_asyncio_loop.py), and then: later items are still delivered,
+discarded items are still handed to `call_js`, counts stay exact and the finalizer
+runs once. KeyboardInterrupt and SystemExit are not faults to report but requests to
+stop: they propagate out of the loop run, and the next run carries on where it stopped.
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ import concurrent.futures
 import gc
 import logging
 import threading
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from _helpers import loop_errors
+from _helpers import Boom
 from _loops import LoopFactory, asyncio_run
 
 import tsfn
@@ -27,195 +25,7 @@ import tsfn
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(20)]
 
 
-class Boom(Exception):
-    """The fault the tests inject; nothing in tsfn raises it."""
-
-
-def reported(reports: list[dict[str, Any]]) -> list[BaseException]:
-    return [context["exception"] for context in reports if "exception" in context]
-
-
-def produce(fn: tsfn.ThreadsafeFunction[int], items: range) -> threading.Thread:
-    """Call `fn` with every item from a new thread, then release it."""
-
-    def run() -> None:
-        for item in items:
-            fn.call(item)
-        fn.release()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
-
-
-# -- faults reported to the loop, delivery goes on ---------------------------------------
-
-
-async def test_raising_callback_is_reported_and_later_items_are_still_delivered() -> None:
-    delivered: list[int] = []
-    finalized: list[int] = []
-
-    def callback(item: int) -> None:
-        if item % 3 == 0:
-            raise Boom(item)
-        delivered.append(item)
-
-    with loop_errors(asyncio.get_running_loop()) as reports:
-        fn = tsfn.ThreadsafeFunction(
-            callback, max_queue_size=4, finalizer=lambda _: finalized.append(len(delivered))
-        )
-        thread = produce(fn, range(300))
-        await fn.wait_closed()
-        thread.join()
-
-    assert delivered == [i for i in range(300) if i % 3]
-    errors = reported(reports)
-    assert [e.args[0] for e in errors if isinstance(e, Boom)] == list(range(0, 300, 3))
-    assert len(errors) == 100  # nothing else was reported
-    assert finalized == [200]  # once, after every delivery
-    assert fn.qsize() == 0
-
-
-async def test_raising_callback_fails_only_its_own_submit_future() -> None:
-
-    def callback(item: int) -> int:
-        if item == 2:
-            raise Boom(item)
-        return item * 10
-
-    with loop_errors(asyncio.get_running_loop()) as reports:
-        fn = tsfn.ThreadsafeFunction(callback)
-        futures = [fn.submit(i) for i in range(5)]
-        fn.release()
-        await fn.wait_closed()
-
-    assert [f.result() for i, f in enumerate(futures) if i != 2] == [0, 10, 30, 40]
-    assert isinstance(futures[2].exception(), Boom)
-    assert reports == []  # the awaiting caller got it; the loop need not hear of it
-
-
-@pytest.fixture
-def other_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """A second event loop, never run: its futures cannot be awaited on the test's loop."""
-    loop = asyncio.new_event_loop()
-    try:
-        yield loop
-    finally:
-        loop.close()
-
-
-async def test_submit_whose_callback_returns_another_loops_future_fails_that_future(
-    other_loop: asyncio.AbstractEventLoop,
-) -> None:
-    """Issue 9, defect 4: a callback returned an awaitable this loop cannot schedule (a
-    future of another loop): the error escaped the drain to the loop's handler, and
-    the submitter's future never resolved. The future gets the error, the loop hears
-    nothing, and the function still closes."""
-    with loop_errors(asyncio.get_running_loop()) as reports:
-        fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
-            lambda _: other_loop.create_future()
-        )
-        future = fn.submit(1)
-        with pytest.raises(ValueError, match="loop"):
-            await asyncio.wait_for(asyncio.wrap_future(future), 10)
-        fn.release()
-        await asyncio.wait_for(fn.wait_closed(), 10)
-    assert reports == []
-
-
-async def test_callback_returning_another_loops_future_is_reported_as_a_callback_fault(
-    other_loop: asyncio.AbstractEventLoop,
-) -> None:
-    """Issue 9, defect 4, without a future to tell: the fault is the callback's, reported
-    like a raising callback (naming the function), not as an exception in the drain;
-    later items are still delivered and the function closes."""
-    delivered: list[int] = []
-
-    def callback(item: int) -> object:
-        delivered.append(item)
-        return other_loop.create_future() if item == 0 else None
-
-    with loop_errors(asyncio.get_running_loop()) as reports:
-        fn = tsfn.ThreadsafeFunction(callback)
-        for item in range(3):
-            fn.call(item)
-        fn.release()
-        await asyncio.wait_for(fn.wait_closed(), 10)
-    assert delivered == [0, 1, 2]
-    assert [context.get("tsfn") for context in reports] == [fn], reports
-    assert [type(e) for e in reported(reports)] == [ValueError]
-    assert reports[0]["message"].startswith("Exception in the callback")
-
-
-async def test_raising_async_callback_is_reported_before_the_finalizer_runs() -> None:
-    events: list[str] = []
-
-    async def callback(item: int) -> None:
-        await asyncio.sleep(0)
-        if item == 1:
-            events.append("raise")
-            raise Boom(item)
-        events.append(f"item {item}")
-
-    with loop_errors(asyncio.get_running_loop()) as reports:
-        fn = tsfn.ThreadsafeFunction(callback, finalizer=lambda _: events.append("finalizer"))
-        for item in range(3):
-            fn.call(item)
-        fn.release()
-        await fn.wait_closed()
-
-    assert sorted(events[:-1]) == ["item 0", "item 2", "raise"]
-    assert events[-1] == "finalizer"
-    assert [type(e) for e in reported(reports)] == [Boom]
-
-
-async def test_call_js_raising_while_discarding_is_reported_and_the_rest_still_discarded() -> None:
-    discarded: list[int] = []
-    events: list[str] = []
-
-    def call_js(
-        loop: asyncio.AbstractEventLoop | None, _cb: object, _context: object, item: int
-    ) -> None:
-        assert loop is None, "nothing may be delivered after abort()"
-        discarded.append(item)
-        if item % 2:
-            raise Boom(item)
-
-    with loop_errors(asyncio.get_running_loop()) as reports:
-        fn = tsfn.ThreadsafeFunction(call_js=call_js, finalizer=lambda _: events.append("final"))
-        # Queued on the loop thread, which does not drain until we await: all ten
-        # are still queued when abort() comes.
-        for item in range(10):
-            fn.call_nowait(item)
-        fn.abort()
-        await fn.wait_closed()
-
-    assert discarded == list(range(10))
-    assert [e.args[0] for e in reported(reports) if isinstance(e, Boom)] == [1, 3, 5, 7, 9]
-    assert events == ["final"]
-    assert fn.qsize() == 0
-
-
-async def test_raising_finalizer_is_reported_and_the_function_still_closes() -> None:
-    calls: list[object] = []
-
-    def finalizer(context: object) -> None:
-        calls.append(context)
-        raise Boom("finalizer")
-
-    with loop_errors(asyncio.get_running_loop()) as reports:
-        fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
-            lambda _: None, context="ctx", finalizer=finalizer
-        )
-        fn.call(1)
-        fn.release()
-        await fn.wait_closed()
-
-    assert calls == ["ctx"]
-    assert fn.closed
-    assert [type(e) for e in reported(reports)] == [Boom]
-    with pytest.raises(tsfn.Closing):
-        fn.call(2)
+# -- faults reach the awaiter --------------------------------------------------------
 
 
 async def test_raising_execute_reaches_the_awaiter_and_complete_gets_error() -> None:
@@ -231,16 +41,6 @@ async def test_raising_execute_reaches_the_awaiter_and_complete_gets_error() -> 
         await work
     assert completions == [(tsfn.Status.ERROR, "d")]
     assert work.status is tsfn.Status.ERROR
-
-
-async def test_raising_complete_is_reported_and_the_result_still_arrives() -> None:
-
-    def complete(status: tsfn.Status, data: object) -> None:
-        raise Boom("complete")
-
-    with loop_errors(asyncio.get_running_loop()) as reports:
-        assert await tsfn.AsyncWork(lambda x: x + 1, complete, data=41) == 42
-    assert [type(e) for e in reported(reports)] == [Boom]
 
 
 @pytest.mark.parametrize("default", [False, True], ids=["own_executor", "default_executor"])

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, SupportsIndex
 
 import pytest
-from _helpers import WAIT, Worker, blocked_callers, loop_errors, start, wait_until
+from _helpers import WAIT, Worker, blocked_callers, start, wait_until
 from _loops import LoopFactory, asyncio_run
 
 import tsfn
@@ -230,23 +230,6 @@ async def test_submit_future_gets_the_callback_return_value() -> None:
     assert from_thread.result == 50
     fn.release()
     await fn.wait_closed()
-
-
-async def test_submit_future_gets_the_callback_exception_not_the_loop_handler() -> None:
-    boom = ValueError("boom")
-
-    def callback(_: object) -> None:
-        raise boom
-
-    fn: tsfn.ThreadsafeFunction[None] = tsfn.ThreadsafeFunction(callback)
-    with loop_errors(asyncio.get_running_loop()) as errors:
-        future = fn.submit(None)
-        with pytest.raises(ValueError, match="boom") as caught:
-            await asyncio.wrap_future(future)
-        fn.release()
-        await fn.wait_closed()
-    assert caught.value is boom
-    assert errors == []
 
 
 async def test_submit_awaits_an_awaitable_result_on_the_loop_before_finalizing() -> None:
@@ -758,49 +741,6 @@ async def test_async_with_enters_as_the_function_itself() -> None:
 
 
 # -- callbacks, call_js, finalizer ---------------------------------------------------------
-
-
-async def test_callback_exception_goes_to_the_loop_handler_and_delivery_continues() -> None:
-    got: list[int] = []
-    boom = ValueError("item 2 is bad")
-
-    def callback(item: int) -> None:
-        if item == 2:
-            raise boom
-        got.append(item)
-
-    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(callback, name="flaky")
-    with loop_errors(asyncio.get_running_loop()) as errors:
-        for i in range(5):
-            fn.call(i)
-        fn.release()
-        await fn.wait_closed()
-    assert got == [0, 1, 3, 4]
-    assert [error["exception"] for error in errors] == [boom]
-    assert "flaky" in errors[0]["message"]
-
-
-async def test_call_js_and_finalizer_exceptions_go_to_the_loop_handler() -> None:
-    delivery, discard, final = ValueError("delivery"), KeyError("discard"), OSError("final")
-
-    def call_js(loop: object, callback: object, context: object, data: int) -> None:
-        raise delivery if loop is not None else discard
-
-    def finalizer(_: object) -> None:
-        raise final
-
-    first: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(call_js=call_js)
-    second: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
-        call_js=call_js, finalizer=finalizer
-    )
-    with loop_errors(asyncio.get_running_loop()) as errors:
-        first.call(1)
-        first.release()
-        await first.wait_closed()
-        second.call(1)
-        second.abort()
-        await second.wait_closed()
-    assert [error["exception"] for error in errors] == [delivery, discard, final]
 
 
 async def test_call_js_gets_the_loop_the_callback_the_context_and_the_data() -> None:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from _helpers import loop_errors, set_from_worker
+from _helpers import set_from_worker
 from _loops import LoopFactory
 
 import tsfn
@@ -470,24 +470,6 @@ async def test_a_pool_thread_forgets_the_cancelled_flag_after_the_work() -> None
         await complete.done.wait()
         assert await asyncio.wrap_future(pool.submit(tsfn.cancelled)) is False
         assert await AsyncWork(lambda _: tsfn.cancelled(), executor=pool) is False
-
-
-# -- errors in complete --------------------------------------------------------------
-
-
-async def test_an_exception_in_complete_goes_to_the_loops_exception_handler() -> None:
-    boom = RuntimeError("complete failed")
-
-    def complete(status: Status, data: object) -> None:
-        raise boom
-
-    with loop_errors(asyncio.get_running_loop()) as contexts:
-        work = AsyncWork(lambda d: d, complete, data="result", name="failing-complete")
-        # The awaiter still gets execute's result: complete's failure is the loop's.
-        assert await work == "result"
-    assert len(contexts) == 1
-    assert contexts[0]["exception"] is boom
-    assert "failing-complete" in contexts[0]["message"]
 
 
 @executor_kinds
