@@ -132,33 +132,6 @@ async def test_would_deadlock_is_a_tsfn_error_but_not_queue_full() -> None:
     assert not issubclass(tsfn.Closing, queue.Full)
 
 
-def test_blocking_call_from_a_thread_waits_until_the_loop_makes_room(
-    idle_loop: asyncio.AbstractEventLoop,
-) -> None:
-    got: list[str] = []
-    second_delivered = asyncio.Event()
-
-    def callback(item: str) -> None:
-        got.append(item)
-        if item == "second":
-            second_delivered.set()
-
-    fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(
-        callback, max_queue_size=1, loop=idle_loop
-    )
-    fn.call("first")  # the loop is not running: the queue stays full
-    worker = start(lambda: fn.call("second"))
-    wait_until(lambda: blocked_callers(fn) == 1)
-    assert worker.is_alive()
-
-    idle_loop.run_until_complete(second_delivered.wait())  # the loop makes room
-    worker.finish()
-    assert worker.error is None
-    fn.release()
-    idle_loop.run_until_complete(fn.wait_closed())
-    assert got == ["first", "second"]
-
-
 def test_blocking_call_with_a_timeout_raises_queue_full_when_no_room_comes(
     idle_loop: asyncio.AbstractEventLoop,
 ) -> None:
@@ -181,13 +154,14 @@ def test_blocking_call_with_a_timeout_raises_queue_full_when_no_room_comes(
 
 @pytest.mark.parametrize("method", ["call", "submit"])
 @pytest.mark.parametrize("then", ["room", "abort"])
-def test_a_timeout_too_large_to_time_waits_like_no_timeout(
-    idle_loop: asyncio.AbstractEventLoop, method: str, then: str
+@pytest.mark.parametrize("timeout", [None, 10**400], ids=["no-timeout", "too-large-to-time"])
+def test_blocking_call_from_a_thread_waits_until_the_loop_makes_room_or_closes(
+    idle_loop: asyncio.AbstractEventLoop, method: str, then: str, timeout: float | None
 ) -> None:
-    """Issue 9, defect 13: `timeout=10**400` passed the argument check, then its deadline
-    (`time.monotonic() + timeout`) raised OverflowError, which names no argument. A
-    timeout longer than anything the platform can time means no deadline: the caller
-    waits for room, or for `Closing`."""
+    """The caller waits for room, or for `Closing`; with no timeout, and with one
+    longer than anything the platform can time (issue 9, defect 13: `timeout=10**400`
+    passed the argument check, then its deadline, `time.monotonic() + timeout`,
+    raised OverflowError, which names no argument)."""
     got: list[object] = []
     second_delivered = asyncio.Event()
 
@@ -200,7 +174,7 @@ def test_a_timeout_too_large_to_time_waits_like_no_timeout(
         callback, max_queue_size=1, loop=idle_loop
     )
     fn.call("first")  # the loop is not running: the queue stays full
-    worker = start(lambda: getattr(fn, method)("second", timeout=10**400))
+    worker = start(lambda: getattr(fn, method)("second", timeout=timeout))
     wait_until(lambda: not worker.is_alive() or blocked_callers(fn) == 1)
     assert worker.error is None, repr(worker.error)  # it waits: no OverflowError
     if then == "room":

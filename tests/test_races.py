@@ -64,6 +64,15 @@ class Record:
     def finalizer(self, _context: object) -> None:
         self.finalized.append(len(self.delivered) + len(self.discarded))
 
+    def function(self, max_queue_size: int, producers: int = 1) -> tsfn.ThreadsafeFunction[Item]:
+        """A function on the running loop whose every hand-over this record sees."""
+        return tsfn.ThreadsafeFunction(
+            call_js=self.call_js,
+            max_queue_size=max_queue_size,
+            initial_thread_count=producers,
+            finalizer=self.finalizer,
+        )
+
     def check(self, accepted: dict[int, list[int]], *, discards_a_tail: bool = True) -> None:
         """Nothing lost or doubled, per-producer order kept, finalizer once and last.
 
@@ -126,12 +135,7 @@ async def test_many_threads_on_a_tiny_queue_deliver_every_item_once_in_order(
     futures: list[tuple[Item, concurrent.futures.Future[Any]]] = []
     errors: list[BaseException] = []
     start = threading.Barrier(producers)
-    fn = tsfn.ThreadsafeFunction(
-        call_js=record.call_js,
-        max_queue_size=queue_size,
-        initial_thread_count=producers,
-        finalizer=record.finalizer,
-    )
+    fn = record.function(queue_size, producers)
 
     def produce(producer: int) -> None:
         rng = random.Random(producer)
@@ -175,12 +179,7 @@ async def test_abort_at_a_random_point_wakes_every_caller_and_loses_nothing(seed
     accepted: dict[int, list[int]] = {p: [] for p in range(producers)}
     ended: list[str] = []
     errors: list[BaseException] = []
-    fn = tsfn.ThreadsafeFunction(
-        call_js=record.call_js,
-        max_queue_size=queue_size,
-        initial_thread_count=producers,
-        finalizer=record.finalizer,
-    )
+    fn = record.function(queue_size, producers)
 
     def produce(producer: int) -> None:
         local = random.Random(seed * 1000 + producer)
@@ -258,9 +257,7 @@ async def test_closing_wakes_every_blocked_caller_at_once(
     ever drained: the only way out for a blocked caller is the wake-up on closing.
     """
     record = Record()
-    fn = tsfn.ThreadsafeFunction(
-        call_js=record.call_js, max_queue_size=queue_size, finalizer=record.finalizer
-    )
+    fn = record.function(queue_size)
     for seq in range(queue_size):
         fn.call_nowait((-1, seq))  # full, and nothing will drain it
     outcomes: list[object] = []
@@ -333,12 +330,7 @@ async def test_producers_that_keep_calling_after_closing_do_not_stall_the_loop()
 async def test_submitters_cancelling_their_futures_race_delivery_without_loss() -> None:
     producers, items = 16, 60
     record = Record()
-    fn = tsfn.ThreadsafeFunction(
-        call_js=record.call_js,
-        max_queue_size=2,
-        initial_thread_count=producers,
-        finalizer=record.finalizer,
-    )
+    fn = record.function(2, producers)
     outcomes: list[tuple[Item, bool, concurrent.futures.Future[Any]]] = []
 
     def produce(producer: int) -> None:

@@ -167,6 +167,34 @@ class Ledger:
     def finalizer(self, _context: object) -> None:
         self.finalized += 1
 
+    def producer(self, body: Callable[[], object]) -> Callable[[], None]:
+        """A thread target that runs `body` and books how it ended: `Closing`, or an error."""
+
+        def run() -> None:
+            try:
+                body()
+            except tsfn.Closing:
+                self.closing()
+            except BaseException as exc:
+                self.error(exc)
+
+        return run
+
+    def function(
+        self,
+        max_queue_size: int,
+        producers: int,
+        callback: Callable[[int], object] = lambda _: None,
+    ) -> tsfn.ThreadsafeFunction[int]:
+        """A function on the running loop whose every hand-over this ledger books."""
+        return tsfn.ThreadsafeFunction(
+            callback,
+            call_js=self.call_js,
+            max_queue_size=max_queue_size,
+            initial_thread_count=producers,
+            finalizer=self.finalizer,
+        )
+
     def watch_loop(self) -> None:
         """Send the running loop's error reports here (call at the start of main)."""
         asyncio.get_running_loop().set_exception_handler(
@@ -218,16 +246,11 @@ def blocking_producer(
     fn: tsfn.ThreadsafeFunction[int], ledger: Ledger, first: int, timeout: float | None
 ) -> Callable[[], None]:
     def produce() -> None:
-        try:
-            for item in range(first, first + 1_000_000):
-                fn.call(item, timeout=timeout)
-                ledger.accept(item)
-        except tsfn.Closing:
-            ledger.closing()
-        except BaseException as exc:
-            ledger.error(exc)
+        for item in range(first, first + 1_000_000):
+            fn.call(item, timeout=timeout)
+            ledger.accept(item)
 
-    return produce
+    return ledger.producer(produce)
 
 
 @pytest.mark.parametrize("ending", ENDINGS)
@@ -239,13 +262,7 @@ def test_producers_blocked_on_a_full_queue_wake_with_closing(
 
     async def main() -> None:
         ledger.watch_loop()
-        fn = tsfn.ThreadsafeFunction(
-            lambda _: None,
-            call_js=ledger.call_js,
-            max_queue_size=2,
-            initial_thread_count=producers,
-            finalizer=ledger.finalizer,
-        )
+        fn = ledger.function(2, producers)
         # Half wait without a timeout, half with one far longer than the test: both
         # must be woken by the shutdown, not by their timeout.
         threads.extend(
@@ -274,13 +291,7 @@ def test_unreferenced_function_with_blocked_producers_does_not_keep_tsfn_run_ali
 
     async def main() -> None:
         ledger.watch_loop()
-        fn = tsfn.ThreadsafeFunction(
-            lambda _: None,
-            call_js=ledger.call_js,
-            max_queue_size=1,
-            initial_thread_count=producers,
-            finalizer=ledger.finalizer,
-        )
+        fn = ledger.function(1, producers)
         fn.unref()
         threads.extend(
             start_threads(
@@ -322,13 +333,7 @@ def test_callback_running_at_shutdown_is_cancelled_and_the_rest_discarded(
         def callback(item: int) -> object:
             return stuck(item) if item == 0 else None
 
-        fn = tsfn.ThreadsafeFunction(
-            callback,
-            call_js=ledger.call_js,
-            max_queue_size=4,
-            initial_thread_count=2,
-            finalizer=ledger.finalizer,
-        )
+        fn = ledger.function(4, 2, callback)
         futures.append(fn.submit(0))
         ledger.accept(0)
         fn.release()  # the remaining producer is the thread below
@@ -440,24 +445,19 @@ def test_submitters_get_a_result_or_a_cancelled_future_never_a_pending_one(
 
     def submitter(first: int, fn: tsfn.ThreadsafeFunction[int]) -> Callable[[], None]:
         def submit_all() -> None:
-            try:
-                for item in range(first, first + 1_000_000):
-                    future = fn.submit(item)
-                    ledger.accept(item)
-                    try:
-                        result = future.result(timeout=patience)
-                    except concurrent.futures.CancelledError:
-                        cancelled.append(item)
-                    except concurrent.futures.TimeoutError:
-                        pending.append(item)
-                    else:
-                        assert result == 2 * item, (item, result)
-            except tsfn.Closing:
-                ledger.closing()
-            except BaseException as exc:
-                ledger.error(exc)
+            for item in range(first, first + 1_000_000):
+                future = fn.submit(item)
+                ledger.accept(item)
+                try:
+                    result = future.result(timeout=patience)
+                except concurrent.futures.CancelledError:
+                    cancelled.append(item)
+                except concurrent.futures.TimeoutError:
+                    pending.append(item)
+                else:
+                    assert result == 2 * item, (item, result)
 
-        return submit_all
+        return ledger.producer(submit_all)
 
     async def main() -> None:
         ledger.watch_loop()
@@ -475,13 +475,7 @@ def test_submitters_get_a_result_or_a_cancelled_future_never_a_pending_one(
                 return doubled_later(item)
             return 2 * item
 
-        fn = tsfn.ThreadsafeFunction(
-            callback,
-            call_js=ledger.call_js,
-            max_queue_size=3,
-            initial_thread_count=producers,
-            finalizer=ledger.finalizer,
-        )
+        fn = ledger.function(3, producers, callback)
         threads.extend(start_threads([submitter(1_000_000 * p, fn) for p in range(producers)]))
         await until(lambda: len(ledger.accepted) >= 100)
         ledger.main_ended = time.monotonic()
@@ -1005,35 +999,24 @@ def test_calls_racing_loop_close_raise_closing_never_runtime_error(
 
     def hammer(first: int, fn: tsfn.ThreadsafeFunction[int]) -> Callable[[], None]:
         def run() -> None:
-            try:
-                go.wait()
-                for n, item in enumerate(range(first, first + 1_000_000)):
-                    try:
-                        if n % 3 == 0:
-                            fn.call_nowait(item)
-                        elif n % 3 == 1:
-                            fn.call(item, timeout=30)
-                        else:
-                            fn.submit(item)
-                    except tsfn.QueueFull:
-                        continue
-                    ledger.accept(item)
-            except tsfn.Closing:
-                ledger.closing()
-            except BaseException as exc:
-                ledger.error(exc)
+            go.wait()
+            for n, item in enumerate(range(first, first + 1_000_000)):
+                try:
+                    if n % 3 == 0:
+                        fn.call_nowait(item)
+                    elif n % 3 == 1:
+                        fn.call(item, timeout=30)
+                    else:
+                        fn.submit(item)
+                except tsfn.QueueFull:
+                    continue
+                ledger.accept(item)
 
-        return run
+        return ledger.producer(run)
 
     async def main() -> None:
         ledger.watch_loop()
-        fn = tsfn.ThreadsafeFunction(
-            lambda _: None,
-            call_js=ledger.call_js,
-            max_queue_size=round_,  # unbounded in round 0
-            initial_thread_count=producers,
-            finalizer=ledger.finalizer,
-        )
+        fn = ledger.function(round_, producers)  # unbounded in round 0
         threads.extend(start_threads([hammer(1_000_000 * p, fn) for p in range(producers)]))
         go.wait()
         await until(lambda: len(ledger.accepted) >= 200)
