@@ -2,7 +2,7 @@
 
     python3 dev.py demo     run the demo (python -m tsfn), no install needed
     python3 dev.py test     make .venv, install everything, run ruff, mypy, docs, pytest
-    python3 dev.py bench    run the benchmarks (writes benchmarks/results.{md,json})
+    python3 dev.py bench    run the benchmarks (writes benchmarks/results.md)
     python3 dev.py soak     run the long memory/soak tests
     python3 dev.py docs     build the documentation site into site/
 

@@ -1,4 +1,7 @@
-"""Results of one benchmark run: the rows, the markdown tables, the JSON, the targets.
+"""Results of one benchmark run: the rows, the targets, and their markdown.
+
+The markdown is written to benchmarks/results.md, the one committed copy of the
+results, which docs/benchmarks.md includes.
 
 Ratios are only taken between rows of the same run (these are noisy 2-core machines:
 absolute numbers drift from run to run, ratios taken side by side hold). ``xraw`` is
@@ -9,12 +12,11 @@ with no loop of their own (the floor, Node) are compared with the asyncio loop's
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -167,25 +169,26 @@ class Results:
     # -- markdown ----------------------------------------------------------------------
 
     def markdown(self) -> str:
+        # Headings at level 3: docs/benchmarks.md includes this under its own section.
         parts = [
             self._header(),
-            "## Throughput: N items from P producer threads to a callback on the loop",
+            "### Throughput: N items from P producer threads to a callback on the loop",
             self._throughput_table(),
             "Median of the rounds' items/s. Bounded runs use blocking producers. "
             "Methods (`cb` is the per-item callback; `x` the item):\n",
             self._legend(),
         ]
         if any(r.section == "stream" for r in self.rows):
-            parts += ["## `tsfn.stream` versus a hand-written pipeline", self._stream_table()]
+            parts += ["### `tsfn.stream` versus a hand-written pipeline", self._stream_table()]
         if self.latency:
-            parts += ["## Latency: from just before the call to the callback", self._latency()]
+            parts += ["### Latency: from just before the call to the callback", self._latency()]
         if self.memory:
-            parts += ["## Memory: a producer far faster than its consumer", self._memory()]
-        parts += ["## Targets (issue 4)", self._targets_table()]
+            parts += ["### Memory: a producer far faster than its consumer", self._memory()]
+        parts += ["### Targets (issue 4)", self._targets_table()]
         if self.skipped:
-            parts += ["## Not run", "\n".join(f"- {why}" for why in self.skipped)]
+            parts += ["### Not run", "\n".join(f"- {why}" for why in self.skipped)]
         if self.failures():
-            parts += ["## FAILED", "\n".join(f"- {why}" for why in self.failures())]
+            parts += ["### FAILED", "\n".join(f"- {why}" for why in self.failures())]
         return "\n\n".join(parts) + "\n"
 
     def _header(self) -> str:
@@ -433,39 +436,3 @@ class Results:
             shown = "—" if value is None else f"{value:.2f}"
             lines.append([t["loop"], t["target"], shown, t["status"]])
         return _table(["loop", "target", "measured", "status"], lines)
-
-    # -- JSON --------------------------------------------------------------------------
-
-    def to_json(self) -> str:
-        def row(r: Row) -> dict[str, Any]:
-            return {**asdict(r), "rate": r.rate}
-
-        def lat(r: LatencyRow) -> dict[str, Any]:
-            d = asdict(r)
-            del d["samples_ns"]
-            return {
-                **d,
-                "samples": len(r.samples_ns),
-                "p50_us": r.percentile(0.5),
-                "p99_us": r.percentile(0.99),
-            }
-
-        data = {
-            "machine": self.machine,
-            "config": self.config,
-            "throughput": [row(r) for r in self.rows],
-            "latency": [lat(r) for r in self.latency],
-            "memory": [{**asdict(r), "growth_mib": r.growth_mib} for r in self.memory],
-            "targets": self.targets(),
-            "skipped": self.skipped,
-            "failures": self.failures(),
-        }
-        # One line per row: small, and a rerun's diff shows which rows moved.
-        fields = []
-        for key, value in data.items():
-            if isinstance(value, list) and value:
-                rows = ",\n".join(f"  {json.dumps(v, ensure_ascii=False)}" for v in value)
-                fields.append(f" {json.dumps(key)}: [\n{rows}\n ]")
-            else:
-                fields.append(f" {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}")
-        return "{\n" + ",\n".join(fields) + "\n}\n"

@@ -54,7 +54,7 @@ class RateCase:
     fixed_n: int | None = None
 
 
-def _parse(argv: list[str] | None) -> tuple[Options, Path | None, Path | None]:
+def _parse(argv: list[str] | None) -> tuple[Options, Path | None]:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="tsfn against its peers, in one run, with ratios.",
@@ -74,14 +74,9 @@ def _parse(argv: list[str] | None) -> tuple[Options, Path | None, Path | None]:
         "--out",
         type=Path,
         default=HERE,
-        help="where results.md and results.json go (default: benchmarks/)",
+        help="where results.md goes (default: benchmarks/)",
     )
     parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument(
-        "--docs",
-        type=Path,
-        help="also put the tables into this markdown file, between its results markers",
-    )
     args = parser.parse_args(argv)
     quick = args.quick
     loops = args.loops.split(",") if args.loops else _cases.loop_kinds()
@@ -106,7 +101,7 @@ def _parse(argv: list[str] | None) -> tuple[Options, Path | None, Path | None]:
         for row_id, *_ in _memory_cases(options):
             print(row_id)
         sys.exit(0)
-    return options, None if args.no_write else args.out, args.docs
+    return options, None if args.no_write else args.out
 
 
 def _selected(options: Options, case_id: str) -> bool:
@@ -359,23 +354,8 @@ def _run_memory(options: Options, results: Results) -> None:
         row.seconds, row.producer_seconds = data["seconds"], data["producer_seconds"]
 
 
-BEGIN, END = "<!-- results: begin -->", "<!-- results: end -->"
-
-
-def _into_docs(path: Path, text: str) -> None:
-    """Replace what stands between the BEGIN and END markers of `path` with `text`."""
-    page = path.read_text(encoding="utf-8")
-    head, begin, rest = page.partition(BEGIN)
-    _, end, tail = rest.partition(END)
-    if not (begin and end):
-        raise SystemExit(f"{path} has no {BEGIN} ... {END} markers")
-    # The tables' own headings are one level below the page's sections.
-    body = text.replace("\n## ", "\n### ")
-    path.write_text(f"{head}{BEGIN}\n{body}{END}{tail}", encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
-    options, out, docs = _parse(argv)
+    options, out = _parse(argv)
     started = time.perf_counter()
     config = {
         "date": time.strftime("%Y-%m-%d"),
@@ -397,11 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.md").write_text(text, encoding="utf-8")
-        (out / "results.json").write_text(results.to_json(), encoding="utf-8")
-        _log(f"wrote {out / 'results.md'} and {out / 'results.json'}")
-    if docs is not None:
-        _into_docs(docs, text)
-        _log(f"updated {docs}")
+        _log(f"wrote {out / 'results.md'}")
     _log(f"total: {results.config['total_seconds']} s")
     failures = results.failures()
     for failure in failures:

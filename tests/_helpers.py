@@ -6,11 +6,17 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+
+import tsfn
 
 # Generous: a correct test never waits this long, a broken one fails instead of hanging.
 WAIT = 10.0
+
+
+class Boom(Exception):
+    """The fault the tests inject; nothing in tsfn raises it."""
 
 
 class Worker(threading.Thread):
@@ -40,12 +46,62 @@ def start(target: Callable[[], object], name: str = "tsfn-test-worker") -> Worke
     return worker
 
 
+def start_threads(targets: Iterable[Callable[[], object]]) -> list[threading.Thread]:
+    """Start a plain thread per target; what one raises reaches pytest's thread check."""
+    threads = [threading.Thread(target=target) for target in targets]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def join_all(threads: Iterable[threading.Thread], wait: float = WAIT) -> None:
+    """Join every thread, failing (not hanging) if any runs past `wait` seconds in all."""
+    threads = list(threads)
+    deadline = time.monotonic() + wait
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert [t.name for t in threads if t.is_alive()] == [], "threads hung"
+
+
+async def join_all_from_loop(threads: Iterable[threading.Thread], wait: float = WAIT) -> None:
+    """`join_all` without blocking the loop, which the threads may need."""
+    await asyncio.get_running_loop().run_in_executor(None, join_all, list(threads), wait)
+
+
+def set_from_worker(event: asyncio.Event) -> Callable[[], None]:
+    """A function a worker thread calls to set `event` on the loop (the only safe way)."""
+    loop = asyncio.get_running_loop()
+
+    def signal() -> None:
+        loop.call_soon_threadsafe(event.set)
+
+    return signal
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the loop run until `condition()` holds.
+
+    Polled, because other threads make it true; what the test then checks does not
+    depend on how long this took.
+    """
+    while not condition():  # noqa: ASYNC110 - set by threads, which cannot set an asyncio.Event
+        await asyncio.sleep(0.001)
+
+
 def wait_until(condition: Callable[[], bool]) -> None:
     """Poll a condition another thread makes true (no event exists to wait on)."""
     deadline = time.monotonic() + WAIT
     while not condition():
         assert time.monotonic() < deadline, "condition never became true"
         time.sleep(0.001)
+
+
+def blocked_callers(fn: tsfn.ThreadsafeFunction[Any]) -> int:
+    """tsfn's own count of callers waiting for room (white-box).
+
+    The only way to tell a thread that is inside the wait from one about to enter it.
+    """
+    return fn._life.waiters
 
 
 @contextlib.contextmanager

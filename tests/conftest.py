@@ -1,9 +1,16 @@
 """Shared fixtures: every async test runs on each event loop tsfn supports.
 
-`anyio_backend` is anyio's pytest-plugin hook: a test marked `@pytest.mark.anyio`
-runs once per parameter here, so each behaviour is checked on asyncio's default loop
-and on uvloop. Sync tests that manage a loop themselves (shutdown, `tsfn.run`) take
-`loop_factory` instead, parametrised the same way.
+Two plugins run the async tests, and no test is run by both. anyio's plugin runs
+every module marked `pytest.mark.anyio` (one marker per module): `anyio_backend`
+below parametrises those tests over asyncio's default loop and uvloop, and the
+same tests are to run on trio, so they use only what any loop offers.
+pytest-asyncio (strict mode: only what is marked `pytest.mark.asyncio`) runs the
+tests that are asyncio-only by nature, such as those that swap the loop's
+exception handler (tests/test_asyncio_loop.py): a new loop per test, in debug
+mode (pyproject's `asyncio_debug`), made by each factory that
+`pytest_asyncio_loop_factories` below names: the same two loops. Sync tests
+that manage a loop themselves (shutdown, `tsfn.run`) take `loop_factory`, or
+`idle_loop` for a loop that never runs, parametrised the same way.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -33,14 +40,40 @@ def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     return ("asyncio", {"use_uvloop": request.param == "uvloop"})
 
 
+_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+if uvloop is not None:
+    _FACTORIES["uvloop"] = uvloop.new_event_loop
+
+
 @pytest.fixture(params=_LOOPS)
 def loop_factory(request: pytest.FixtureRequest) -> Callable[[], asyncio.AbstractEventLoop]:
     """A factory for a new event loop of each supported kind."""
-    if request.param == "uvloop":
-        assert uvloop is not None
-        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-        return factory
-    return asyncio.new_event_loop
+    return _FACTORIES[request.param]
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """pytest-asyncio's hook: each `pytest.mark.asyncio` test runs once per loop here."""
+    return _FACTORIES
+
+
+@pytest.fixture
+def idle_loop(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> Iterator[asyncio.AbstractEventLoop]:
+    """A loop of each kind that is not running; at the end it shuts down as asyncio.run would.
+
+    Nothing is delivered until the test runs it, so a bounded queue stays full, and a
+    caller blocked for room stays blocked, for as long as the test wants.
+    """
+    loop = loop_factory()
+    try:
+        yield loop
+    finally:
+        if not loop.is_closed():
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
 
 
 @pytest.fixture

@@ -19,10 +19,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from _loops import LoopFactory
 
 import tsfn
 
-pytestmark = pytest.mark.timeout(10)
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(10)]
 
 
 class _NotAnExecutor:
@@ -38,17 +39,6 @@ def _noop(*args: object) -> None:
 
 def _emit_nothing(emit: Callable[[int], None]) -> None:
     pass
-
-
-@pytest.fixture
-def idle_loop(
-    loop_factory: Callable[[], asyncio.AbstractEventLoop],
-) -> Iterator[asyncio.AbstractEventLoop]:
-    loop = loop_factory()
-    try:
-        yield loop
-    finally:
-        loop.close()
 
 
 @pytest.fixture
@@ -146,7 +136,7 @@ def test_counts_larger_than_any_float_are_accepted_and_work(
 
 
 def test_threadsafe_function_rejects_a_closed_loop(
-    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    loop_factory: LoopFactory,
 ) -> None:
     # A closed loop is the right type with a value that cannot work: ValueError.
     loop = loop_factory()
@@ -234,7 +224,6 @@ def test_async_work_rejects_a_bad_argument(
     _check_message(caught.value, argument, value)
 
 
-@pytest.mark.anyio
 async def test_async_work_queued_twice_raises_runtime_error() -> None:
     work: tsfn.AsyncWork[None, int] = tsfn.AsyncWork(lambda _: 7)
     assert work.queue() is work
@@ -243,7 +232,6 @@ async def test_async_work_queued_twice_raises_runtime_error() -> None:
     assert await work == 7  # the first queue() is unaffected
 
 
-@pytest.mark.anyio
 async def test_async_work_queued_after_await_raises_runtime_error() -> None:
     """Awaiting a work queues it, so a later queue() is the second one."""
     work: tsfn.AsyncWork[None, int] = tsfn.AsyncWork(lambda _: 7)
@@ -323,7 +311,7 @@ def test_run_rejects_a_bad_argument(argument: str, value: object) -> None:
 
 
 def test_run_accepts_its_valid_arguments(
-    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    loop_factory: LoopFactory,
 ) -> None:
     assert tsfn.run(_answer(), debug=True, loop_factory=loop_factory) == 42
     assert tsfn.run(_answer(), debug=None, loop_factory=None) == 42

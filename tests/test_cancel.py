@@ -22,7 +22,7 @@ import pytest
 import tsfn
 from tsfn._cancel import CancelFlag, run_with_flag
 
-pytestmark = pytest.mark.timeout(20)
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(20)]
 
 Emit = Callable[[int], None]
 
@@ -52,7 +52,6 @@ async def wait_for_thread_event(event: threading.Event) -> None:
 # -- where a token exists ---------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_cancel_token_outside_a_worker_raises_runtime_error() -> None:
     with pytest.raises(RuntimeError, match=r"inside a worker .*not on 'MainThread'"):
         tsfn.cancel_token()  # the loop thread
@@ -75,7 +74,6 @@ async def test_cancel_token_outside_a_worker_raises_runtime_error() -> None:
         await asyncio.get_running_loop().run_in_executor(None, tsfn.cancel_token)
 
 
-@pytest.mark.anyio
 async def test_a_pool_thread_has_no_token_after_its_work() -> None:
     def execute(_: object) -> bool:
         return tsfn.cancel_token().cancelled
@@ -90,7 +88,6 @@ def token_state(_: object) -> tuple[bool, int]:
     return token.cancelled, os.getpid()
 
 
-@pytest.mark.anyio
 async def test_a_process_pool_worker_has_a_token_that_is_not_cancelled() -> None:
     # Until cancellation crosses processes, the token there behaves like
     # tsfn.cancelled() there: it exists, and it is False.
@@ -104,7 +101,6 @@ async def test_a_process_pool_worker_has_a_token_that_is_not_cancelled() -> None
 # -- hooks stop a blocked library -------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_a_hook_stops_a_blocked_asyncwork_when_its_awaiting_task_is_cancelled() -> None:
     library = Library()
     seen: list[object] = []
@@ -130,7 +126,6 @@ async def test_a_hook_stops_a_blocked_asyncwork_when_its_awaiting_task_is_cancel
     assert library.stopped_on == ["tsfn-cancel-hooks"]
 
 
-@pytest.mark.anyio
 async def test_a_hook_stops_a_blocked_stream_worker_when_the_consumer_leaves() -> None:
     library = Library()
 
@@ -148,7 +143,6 @@ async def test_a_hook_stops_a_blocked_stream_worker_when_the_consumer_leaves() -
     assert library.stopped_on == ["tsfn-cancel-hooks"]
 
 
-@pytest.mark.anyio
 async def test_wait_returns_true_once_the_consumer_leaves() -> None:
     waited: list[bool] = []
     ready = threading.Event()
@@ -164,7 +158,6 @@ async def test_wait_returns_true_once_the_consumer_leaves() -> None:
     assert waited == [False, True]
 
 
-@pytest.mark.anyio
 async def test_a_triggered_hook_runs_even_if_the_worker_returns_at_once() -> None:
     # The worker wakes from wait() as soon as the flag is set, usually before the
     # hooks thread has started: its return must wait for the hook, not drop it.
@@ -181,7 +174,6 @@ async def test_a_triggered_hook_runs_even_if_the_worker_returns_at_once() -> Non
         assert ran == ["hook"]
 
 
-@pytest.mark.anyio
 async def test_a_hook_may_block_the_loop_keeps_running_meanwhile() -> None:
     # The hook waits for something only the loop does: on the loop thread it would
     # deadlock; on the hooks thread it returns once the loop has done it.
@@ -397,7 +389,6 @@ def test_hooks_left_when_the_worker_returns_never_run() -> None:
         token.on_cancel(lambda: None)
 
 
-@pytest.mark.anyio
 async def test_a_hook_left_registered_never_runs_after_its_stream_worker_returned() -> None:
     ran: list[str] = []
 

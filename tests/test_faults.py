@@ -1,10 +1,10 @@
-"""Faults in user code, and calls on a function whose loop is gone.
+"""Faults in user code and in the loop run: each is reported, and nothing else changes.
 
-Each fault is reported (to the loop's exception handler, or to whoever awaits the
-result) and nothing else changes: later items are still delivered, discarded items
-are still handed to `call_js`, counts stay exact and the finalizer runs once.
-KeyboardInterrupt and SystemExit are not faults to report but requests to stop:
-they propagate out of the loop run, and the next run carries on where it stopped.
+Each fault is reported (to whoever awaits the result here; to the loop's exception
+handler in test_asyncio_loop.py), and then: later items are still delivered,
+discarded items are still handed to `call_js`, counts stay exact and the finalizer
+runs once. KeyboardInterrupt and SystemExit are not faults to report but requests to
+stop: they propagate out of the loop run, and the next run carries on where it stopped.
 """
 
 from __future__ import annotations
@@ -12,241 +12,22 @@ from __future__ import annotations
 import ast
 import asyncio
 import concurrent.futures
-import contextlib
 import gc
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
-from _loops import asyncio_run
+from _helpers import Boom
+from _loops import LoopFactory, asyncio_run
 
 import tsfn
 
-pytestmark = pytest.mark.timeout(20)
-
-LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(20)]
 
 
-class Boom(Exception):
-    """The fault the tests inject; nothing in tsfn raises it."""
+# -- faults reach the awaiter --------------------------------------------------------
 
 
-@contextlib.contextmanager
-def reports_to(reports: list[dict[str, Any]]) -> Iterator[None]:
-    """Collect what reaches the running loop's exception handler."""
-    loop = asyncio.get_running_loop()
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: reports.append(context))
-    try:
-        yield
-    finally:
-        loop.set_exception_handler(previous)
-
-
-def reported(reports: list[dict[str, Any]]) -> list[BaseException]:
-    return [context["exception"] for context in reports if "exception" in context]
-
-
-def produce(fn: tsfn.ThreadsafeFunction[int], items: range) -> threading.Thread:
-    """Call `fn` with every item from a new thread, then release it."""
-
-    def run() -> None:
-        for item in items:
-            fn.call(item)
-        fn.release()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
-
-
-# -- faults reported to the loop, delivery goes on ---------------------------------------
-
-
-@pytest.mark.anyio
-async def test_raising_callback_is_reported_and_later_items_are_still_delivered() -> None:
-    delivered: list[int] = []
-    finalized: list[int] = []
-    reports: list[dict[str, Any]] = []
-
-    def callback(item: int) -> None:
-        if item % 3 == 0:
-            raise Boom(item)
-        delivered.append(item)
-
-    with reports_to(reports):
-        fn = tsfn.ThreadsafeFunction(
-            callback, max_queue_size=4, finalizer=lambda _: finalized.append(len(delivered))
-        )
-        thread = produce(fn, range(300))
-        await fn.wait_closed()
-        thread.join()
-
-    assert delivered == [i for i in range(300) if i % 3]
-    errors = reported(reports)
-    assert [e.args[0] for e in errors if isinstance(e, Boom)] == list(range(0, 300, 3))
-    assert len(errors) == 100  # nothing else was reported
-    assert finalized == [200]  # once, after every delivery
-    assert fn.qsize() == 0
-
-
-@pytest.mark.anyio
-async def test_raising_callback_fails_only_its_own_submit_future() -> None:
-    reports: list[dict[str, Any]] = []
-
-    def callback(item: int) -> int:
-        if item == 2:
-            raise Boom(item)
-        return item * 10
-
-    with reports_to(reports):
-        fn = tsfn.ThreadsafeFunction(callback)
-        futures = [fn.submit(i) for i in range(5)]
-        fn.release()
-        await fn.wait_closed()
-
-    assert [f.result() for i, f in enumerate(futures) if i != 2] == [0, 10, 30, 40]
-    assert isinstance(futures[2].exception(), Boom)
-    assert reports == []  # the awaiting caller got it; the loop need not hear of it
-
-
-@pytest.fixture
-def other_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """A second event loop, never run: its futures cannot be awaited on the test's loop."""
-    loop = asyncio.new_event_loop()
-    try:
-        yield loop
-    finally:
-        loop.close()
-
-
-@pytest.mark.anyio
-async def test_submit_whose_callback_returns_another_loops_future_fails_that_future(
-    other_loop: asyncio.AbstractEventLoop,
-) -> None:
-    """Issue 9, defect 4: a callback returned an awaitable this loop cannot schedule (a
-    future of another loop): the error escaped the drain to the loop's handler, and
-    the submitter's future never resolved. The future gets the error, the loop hears
-    nothing, and the function still closes."""
-    reports: list[dict[str, Any]] = []
-    with reports_to(reports):
-        fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
-            lambda _: other_loop.create_future()
-        )
-        future = fn.submit(1)
-        with pytest.raises(ValueError, match="loop"):
-            await asyncio.wait_for(asyncio.wrap_future(future), 10)
-        fn.release()
-        await asyncio.wait_for(fn.wait_closed(), 10)
-    assert reports == []
-
-
-@pytest.mark.anyio
-async def test_callback_returning_another_loops_future_is_reported_as_a_callback_fault(
-    other_loop: asyncio.AbstractEventLoop,
-) -> None:
-    """Issue 9, defect 4, without a future to tell: the fault is the callback's, reported
-    like a raising callback (naming the function), not as an exception in the drain;
-    later items are still delivered and the function closes."""
-    delivered: list[int] = []
-    reports: list[dict[str, Any]] = []
-
-    def callback(item: int) -> object:
-        delivered.append(item)
-        return other_loop.create_future() if item == 0 else None
-
-    with reports_to(reports):
-        fn = tsfn.ThreadsafeFunction(callback)
-        for item in range(3):
-            fn.call(item)
-        fn.release()
-        await asyncio.wait_for(fn.wait_closed(), 10)
-    assert delivered == [0, 1, 2]
-    assert [context.get("tsfn") for context in reports] == [fn], reports
-    assert [type(e) for e in reported(reports)] == [ValueError]
-    assert reports[0]["message"].startswith("Exception in the callback")
-
-
-@pytest.mark.anyio
-async def test_raising_async_callback_is_reported_before_the_finalizer_runs() -> None:
-    events: list[str] = []
-    reports: list[dict[str, Any]] = []
-
-    async def callback(item: int) -> None:
-        await asyncio.sleep(0)
-        if item == 1:
-            events.append("raise")
-            raise Boom(item)
-        events.append(f"item {item}")
-
-    with reports_to(reports):
-        fn = tsfn.ThreadsafeFunction(callback, finalizer=lambda _: events.append("finalizer"))
-        for item in range(3):
-            fn.call(item)
-        fn.release()
-        await fn.wait_closed()
-
-    assert sorted(events[:-1]) == ["item 0", "item 2", "raise"]
-    assert events[-1] == "finalizer"
-    assert [type(e) for e in reported(reports)] == [Boom]
-
-
-@pytest.mark.anyio
-async def test_call_js_raising_while_discarding_is_reported_and_the_rest_still_discarded() -> None:
-    discarded: list[int] = []
-    events: list[str] = []
-    reports: list[dict[str, Any]] = []
-
-    def call_js(
-        loop: asyncio.AbstractEventLoop | None, _cb: object, _context: object, item: int
-    ) -> None:
-        assert loop is None, "nothing may be delivered after abort()"
-        discarded.append(item)
-        if item % 2:
-            raise Boom(item)
-
-    with reports_to(reports):
-        fn = tsfn.ThreadsafeFunction(call_js=call_js, finalizer=lambda _: events.append("final"))
-        # Queued on the loop thread, which does not drain until we await: all ten
-        # are still queued when abort() comes.
-        for item in range(10):
-            fn.call_nowait(item)
-        fn.abort()
-        await fn.wait_closed()
-
-    assert discarded == list(range(10))
-    assert [e.args[0] for e in reported(reports) if isinstance(e, Boom)] == [1, 3, 5, 7, 9]
-    assert events == ["final"]
-    assert fn.qsize() == 0
-
-
-@pytest.mark.anyio
-async def test_raising_finalizer_is_reported_and_the_function_still_closes() -> None:
-    calls: list[object] = []
-    reports: list[dict[str, Any]] = []
-
-    def finalizer(context: object) -> None:
-        calls.append(context)
-        raise Boom("finalizer")
-
-    with reports_to(reports):
-        fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
-            lambda _: None, context="ctx", finalizer=finalizer
-        )
-        fn.call(1)
-        fn.release()
-        await fn.wait_closed()
-
-    assert calls == ["ctx"]
-    assert fn.closed
-    assert [type(e) for e in reported(reports)] == [Boom]
-    with pytest.raises(tsfn.Closing):
-        fn.call(2)
-
-
-@pytest.mark.anyio
 async def test_raising_execute_reaches_the_awaiter_and_complete_gets_error() -> None:
     completions: list[tuple[tsfn.Status, object]] = []
 
@@ -260,18 +41,6 @@ async def test_raising_execute_reaches_the_awaiter_and_complete_gets_error() -> 
         await work
     assert completions == [(tsfn.Status.ERROR, "d")]
     assert work.status is tsfn.Status.ERROR
-
-
-@pytest.mark.anyio
-async def test_raising_complete_is_reported_and_the_result_still_arrives() -> None:
-    reports: list[dict[str, Any]] = []
-
-    def complete(status: tsfn.Status, data: object) -> None:
-        raise Boom("complete")
-
-    with reports_to(reports):
-        assert await tsfn.AsyncWork(lambda x: x + 1, complete, data=41) == 42
-    assert [type(e) for e in reported(reports)] == [Boom]
 
 
 @pytest.mark.parametrize("default", [False, True], ids=["own_executor", "default_executor"])
@@ -302,7 +71,6 @@ def test_work_on_a_shut_down_executor_raises_to_the_caller(
     assert completions == []  # never queued, so never completed (Node: an error status)
 
 
-@pytest.mark.anyio
 async def test_awaiting_a_refused_work_again_raises_instead_of_hanging() -> None:
     executor = concurrent.futures.ThreadPoolExecutor(1)
     executor.shutdown()
@@ -669,52 +437,3 @@ def test_complete_raising_at_shutdown_lets_the_other_members_finish_first(
     assert order[0] == "callback started"
     assert sorted(order[1:]) == ["cleanup done", "complete CANCELLED", "finalizer"]
     assert order.index("cleanup done") < order.index("finalizer")
-
-
-# -- calls on a function whose loop was closed directly -----------------------------------
-
-
-def _function_on_a_closed_loop(
-    loop_factory: LoopFactory, **kwargs: Any
-) -> tsfn.ThreadsafeFunction[int]:
-    loop = loop_factory()
-    try:
-        fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
-            lambda _: None, loop=loop, **kwargs
-        )
-        loop.run_until_complete(asyncio.sleep(0))
-    finally:
-        loop.close()
-    return fn
-
-
-def test_calls_on_a_function_whose_loop_is_closed_raise_closing(
-    loop_factory: LoopFactory,
-) -> None:
-    fn = _function_on_a_closed_loop(loop_factory, max_queue_size=1, initial_thread_count=2)
-    for attempt in (
-        lambda: fn.call(1),
-        lambda: fn.call(1, timeout=0.5),
-        lambda: fn.call_nowait(1),
-        lambda: fn.submit(1),
-        lambda: fn.submit(1, block=False),
-    ):
-        with pytest.raises(tsfn.Closing, match="loop is closed"):
-            attempt()
-    # Releasing and aborting are still allowed and raise nothing (no RuntimeError).
-    fn.release()
-    fn.abort()
-    fn.release()
-    with pytest.raises(tsfn.Closing):
-        fn.release()  # released more than acquired
-    assert fn.qsize() == 0
-    assert not fn.closed  # the finalizer cannot run on a closed loop (API.md)
-
-
-def test_a_function_whose_loop_is_closed_is_closing_and_refuses_acquire(
-    loop_factory: LoopFactory,
-) -> None:
-    fn = _function_on_a_closed_loop(loop_factory)
-    assert fn.closing
-    with pytest.raises(tsfn.Closing):
-        fn.acquire()

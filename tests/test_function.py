@@ -17,44 +17,23 @@ import asyncio
 import functools
 import gc
 import queue
-import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, SupportsIndex
 
 import pytest
-from _helpers import WAIT, Worker, loop_errors, start, wait_until
-from _loops import asyncio_run
+from _helpers import WAIT, Worker, blocked_callers, start, wait_until
+from _loops import LoopFactory, asyncio_run
 
 import tsfn
 from tsfn._asyncio import AsyncioPort
 from tsfn._results import SubmitFuture
 
-pytestmark = pytest.mark.timeout(20)
-
-LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(20)]
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-def blocked_callers(fn: tsfn.ThreadsafeFunction[Any]) -> int:
-    # tsfn's own count of callers waiting for room. The only way to tell a thread
-    # that is inside the wait from one that is about to enter it.
-    return fn._life.waiters
-
-
-@pytest.fixture
-def idle_loop(loop_factory: LoopFactory) -> Iterator[asyncio.AbstractEventLoop]:
-    """A loop that is not running; at the end it shuts down as asyncio.run would."""
-    loop = loop_factory()
-    try:
-        yield loop
-    finally:
-        if not loop.is_closed():
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
 
 
 def wake_up_spy(monkeypatch: pytest.MonkeyPatch) -> list[Callable[..., object]]:
@@ -83,7 +62,6 @@ def drains_of(fn: tsfn.ThreadsafeFunction[Any], scheduled: list[Callable[..., ob
 # -- call: blocking, non-blocking, timeout -------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_callback_runs_later_on_the_loop_thread_never_inside_call() -> None:
     loop_thread = threading.get_ident()
     seen: list[tuple[int, int]] = []
@@ -103,7 +81,6 @@ async def test_callback_runs_later_on_the_loop_thread_never_inside_call() -> Non
     assert seen == [(1, loop_thread), (2, loop_thread), (3, loop_thread)]
 
 
-@pytest.mark.anyio
 async def test_call_nowait_on_a_full_queue_raises_queue_full_which_is_a_queue_full() -> None:
     got: list[str] = []
     fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(got.append, max_queue_size=1)
@@ -118,7 +95,6 @@ async def test_call_nowait_on_a_full_queue_raises_queue_full_which_is_a_queue_fu
     assert got == ["first"]
 
 
-@pytest.mark.anyio
 async def test_blocking_call_on_the_loop_thread_with_a_full_queue_raises_would_deadlock() -> None:
     got: list[str] = []
     fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(got.append, max_queue_size=1)
@@ -149,39 +125,11 @@ async def test_blocking_call_on_the_loop_thread_with_a_full_queue_raises_would_d
     assert got == ["first"]
 
 
-@pytest.mark.anyio
 async def test_would_deadlock_is_a_tsfn_error_but_not_queue_full() -> None:
     assert issubclass(tsfn.WouldDeadlock, tsfn.TsfnError)
     assert not issubclass(tsfn.WouldDeadlock, queue.Full)
     assert issubclass(tsfn.Closing, tsfn.TsfnError)
     assert not issubclass(tsfn.Closing, queue.Full)
-
-
-def test_blocking_call_from_a_thread_waits_until_the_loop_makes_room(
-    idle_loop: asyncio.AbstractEventLoop,
-) -> None:
-    got: list[str] = []
-    second_delivered = asyncio.Event()
-
-    def callback(item: str) -> None:
-        got.append(item)
-        if item == "second":
-            second_delivered.set()
-
-    fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(
-        callback, max_queue_size=1, loop=idle_loop
-    )
-    fn.call("first")  # the loop is not running: the queue stays full
-    worker = start(lambda: fn.call("second"))
-    wait_until(lambda: blocked_callers(fn) == 1)
-    assert worker.is_alive()
-
-    idle_loop.run_until_complete(second_delivered.wait())  # the loop makes room
-    worker.finish()
-    assert worker.error is None
-    fn.release()
-    idle_loop.run_until_complete(fn.wait_closed())
-    assert got == ["first", "second"]
 
 
 def test_blocking_call_with_a_timeout_raises_queue_full_when_no_room_comes(
@@ -206,13 +154,14 @@ def test_blocking_call_with_a_timeout_raises_queue_full_when_no_room_comes(
 
 @pytest.mark.parametrize("method", ["call", "submit"])
 @pytest.mark.parametrize("then", ["room", "abort"])
-def test_a_timeout_too_large_to_time_waits_like_no_timeout(
-    idle_loop: asyncio.AbstractEventLoop, method: str, then: str
+@pytest.mark.parametrize("timeout", [None, 10**400], ids=["no-timeout", "too-large-to-time"])
+def test_blocking_call_from_a_thread_waits_until_the_loop_makes_room_or_closes(
+    idle_loop: asyncio.AbstractEventLoop, method: str, then: str, timeout: float | None
 ) -> None:
-    """Issue 9, defect 13: `timeout=10**400` passed the argument check, then its deadline
-    (`time.monotonic() + timeout`) raised OverflowError, which names no argument. A
-    timeout longer than anything the platform can time means no deadline: the caller
-    waits for room, or for `Closing`."""
+    """The caller waits for room, or for `Closing`; with no timeout, and with one
+    longer than anything the platform can time (issue 9, defect 13: `timeout=10**400`
+    passed the argument check, then its deadline, `time.monotonic() + timeout`,
+    raised OverflowError, which names no argument)."""
     got: list[object] = []
     second_delivered = asyncio.Event()
 
@@ -225,7 +174,7 @@ def test_a_timeout_too_large_to_time_waits_like_no_timeout(
         callback, max_queue_size=1, loop=idle_loop
     )
     fn.call("first")  # the loop is not running: the queue stays full
-    worker = start(lambda: getattr(fn, method)("second", timeout=10**400))
+    worker = start(lambda: getattr(fn, method)("second", timeout=timeout))
     wait_until(lambda: not worker.is_alive() or blocked_callers(fn) == 1)
     assert worker.error is None, repr(worker.error)  # it waits: no OverflowError
     if then == "room":
@@ -246,7 +195,6 @@ def test_a_timeout_too_large_to_time_waits_like_no_timeout(
 # -- submit --------------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_submit_future_gets_the_callback_return_value() -> None:
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda n: n * 10)
     on_loop = fn.submit(4)
@@ -258,25 +206,6 @@ async def test_submit_future_gets_the_callback_return_value() -> None:
     await fn.wait_closed()
 
 
-@pytest.mark.anyio
-async def test_submit_future_gets_the_callback_exception_not_the_loop_handler() -> None:
-    boom = ValueError("boom")
-
-    def callback(_: object) -> None:
-        raise boom
-
-    fn: tsfn.ThreadsafeFunction[None] = tsfn.ThreadsafeFunction(callback)
-    with loop_errors(asyncio.get_running_loop()) as errors:
-        future = fn.submit(None)
-        with pytest.raises(ValueError, match="boom") as caught:
-            await asyncio.wrap_future(future)
-        fn.release()
-        await fn.wait_closed()
-    assert caught.value is boom
-    assert errors == []
-
-
-@pytest.mark.anyio
 async def test_submit_awaits_an_awaitable_result_on_the_loop_before_finalizing() -> None:
     gate = asyncio.Event()
     finalized: list[bool] = []
@@ -300,7 +229,6 @@ async def test_submit_awaits_an_awaitable_result_on_the_loop_before_finalizing()
     assert finalized == [True]
 
 
-@pytest.mark.anyio
 async def test_abort_cancels_the_future_of_a_discarded_item_and_hands_call_js_its_data() -> None:
     discarded: list[tuple[object, object, object, object]] = []
 
@@ -318,7 +246,6 @@ async def test_abort_cancels_the_future_of_a_discarded_item_and_hands_call_js_it
     assert discarded == [(None, None, "ctx", "payload")]
 
 
-@pytest.mark.anyio
 async def test_abort_cancels_the_future_of_an_awaitable_still_running() -> None:
     never = asyncio.Event()
 
@@ -335,7 +262,6 @@ async def test_abort_cancels_the_future_of_an_awaitable_still_running() -> None:
     assert future.cancelled()
 
 
-@pytest.mark.anyio
 async def test_submit_cancelled_before_delivery_discards_the_item() -> None:
     delivered: list[str] = []
     discarded: list[str] = []
@@ -357,7 +283,6 @@ async def test_submit_cancelled_before_delivery_discards_the_item() -> None:
     assert discarded == ["unwanted"]
 
 
-@pytest.mark.anyio
 async def test_submit_future_cannot_be_cancelled_while_its_callback_runs() -> None:
     """Issue 9, defect 5: `cancel()` on the future of a plain callback that is running
     returned True, and the result the callback then returned was lost. A running
@@ -391,7 +316,6 @@ async def test_submit_future_cannot_be_cancelled_while_its_callback_runs() -> No
     assert worker.result == (True, False, 42)
 
 
-@pytest.mark.anyio
 async def test_submit_future_cannot_be_cancelled_once_its_callback_has_returned(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -423,7 +347,6 @@ async def test_submit_future_cannot_be_cancelled_once_its_callback_has_returned(
     assert future.result(0) == 42
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("canceller", ["loop thread", "worker thread"])
 async def test_cancelling_the_future_of_a_running_async_callback_cancels_its_task(
     canceller: str,
@@ -464,7 +387,6 @@ async def test_cancelling_the_future_of_a_running_async_callback_cancels_its_tas
 # -- producers: acquire, release, abort ----------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_acquire_returns_a_context_manager_that_releases() -> None:
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
     with fn.acquire():
@@ -477,7 +399,6 @@ async def test_acquire_returns_a_context_manager_that_releases() -> None:
     await fn.wait_closed()
 
 
-@pytest.mark.anyio
 async def test_acquire_once_closing_raises_closing() -> None:
     released: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
     released.release()
@@ -491,7 +412,6 @@ async def test_acquire_once_closing_raises_closing() -> None:
             fn.acquire()
 
 
-@pytest.mark.anyio
 async def test_releasing_more_than_acquired_raises_closing() -> None:
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
         lambda _: None, initial_thread_count=2
@@ -506,7 +426,6 @@ async def test_releasing_more_than_acquired_raises_closing() -> None:
         fn.release()
 
 
-@pytest.mark.anyio
 async def test_calls_after_the_last_release_raise_closing_and_queued_items_still_arrive() -> None:
     got: list[int] = []
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(got.append)
@@ -521,7 +440,6 @@ async def test_calls_after_the_last_release_raise_closing_and_queued_items_still
     assert got == [1, 2]
 
 
-@pytest.mark.anyio
 async def test_release_after_abort_is_allowed_while_producers_remain() -> None:
     finalized: list[object] = []
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
@@ -537,7 +455,6 @@ async def test_release_after_abort_is_allowed_while_producers_remain() -> None:
     assert finalized == [None]
 
 
-@pytest.mark.anyio
 async def test_abort_is_idempotent() -> None:
     finalized: list[object] = []
     discarded: list[object] = []
@@ -592,7 +509,6 @@ def test_closing_wakes_every_caller_blocked_for_room_with_closing(
 # -- ref / unref ---------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_ref_and_unref_only_on_the_loop_thread() -> None:
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
     for method in ("ref", "unref"):
@@ -643,7 +559,6 @@ def test_ref_and_unref_are_not_counted(loop_factory: LoopFactory) -> None:
 # -- properties ----------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_properties_follow_the_lifecycle() -> None:
     context = object()
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
@@ -671,7 +586,6 @@ async def test_properties_follow_the_lifecycle() -> None:
     assert fn.closed
 
 
-@pytest.mark.anyio
 async def test_name_defaults_to_none_and_context_to_none() -> None:
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
     assert fn.name is None
@@ -683,7 +597,6 @@ async def test_name_defaults_to_none_and_context_to_none() -> None:
 # -- wait_closed and async with ------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_wait_closed_returns_after_the_finalizer_for_every_waiter() -> None:
     order: list[str] = []
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
@@ -718,7 +631,6 @@ def _cancelled_waiters_alive() -> int:
     )
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("how", ["cancelled", "timed out"])
 async def test_abandoned_wait_closed_calls_leave_no_waiter_behind(how: str) -> None:
     """Issue 9, defect 14: each wait_closed() that was cancelled or timed out left its
@@ -755,7 +667,6 @@ async def test_abandoned_wait_closed_calls_leave_no_waiter_behind(how: str) -> N
     assert finalized == [True]
 
 
-@pytest.mark.anyio
 async def test_async_with_waits_for_the_producers_to_finish() -> None:
     got: list[int] = []
     async with tsfn.ThreadsafeFunction(got.append) as fn:
@@ -771,7 +682,6 @@ async def test_async_with_waits_for_the_producers_to_finish() -> None:
     worker.finish()
 
 
-@pytest.mark.anyio
 async def test_async_with_aborts_first_when_the_body_raises() -> None:
     """Nobody will release the initial producer: without the abort, this would hang."""
     discarded: list[int] = []
@@ -797,7 +707,6 @@ async def test_async_with_aborts_first_when_the_body_raises() -> None:
     assert discarded == [1]
 
 
-@pytest.mark.anyio
 async def test_async_with_enters_as_the_function_itself() -> None:
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
     async with fn as entered:
@@ -808,52 +717,6 @@ async def test_async_with_enters_as_the_function_itself() -> None:
 # -- callbacks, call_js, finalizer ---------------------------------------------------------
 
 
-@pytest.mark.anyio
-async def test_callback_exception_goes_to_the_loop_handler_and_delivery_continues() -> None:
-    got: list[int] = []
-    boom = ValueError("item 2 is bad")
-
-    def callback(item: int) -> None:
-        if item == 2:
-            raise boom
-        got.append(item)
-
-    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(callback, name="flaky")
-    with loop_errors(asyncio.get_running_loop()) as errors:
-        for i in range(5):
-            fn.call(i)
-        fn.release()
-        await fn.wait_closed()
-    assert got == [0, 1, 3, 4]
-    assert [error["exception"] for error in errors] == [boom]
-    assert "flaky" in errors[0]["message"]
-
-
-@pytest.mark.anyio
-async def test_call_js_and_finalizer_exceptions_go_to_the_loop_handler() -> None:
-    delivery, discard, final = ValueError("delivery"), KeyError("discard"), OSError("final")
-
-    def call_js(loop: object, callback: object, context: object, data: int) -> None:
-        raise delivery if loop is not None else discard
-
-    def finalizer(_: object) -> None:
-        raise final
-
-    first: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(call_js=call_js)
-    second: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
-        call_js=call_js, finalizer=finalizer
-    )
-    with loop_errors(asyncio.get_running_loop()) as errors:
-        first.call(1)
-        first.release()
-        await first.wait_closed()
-        second.call(1)
-        second.abort()
-        await second.wait_closed()
-    assert [error["exception"] for error in errors] == [delivery, discard, final]
-
-
-@pytest.mark.anyio
 async def test_call_js_gets_the_loop_the_callback_the_context_and_the_data() -> None:
     loop = asyncio.get_running_loop()
     calls: list[tuple[object, object, object, object]] = []
@@ -878,7 +741,6 @@ async def test_call_js_gets_the_loop_the_callback_the_context_and_the_data() -> 
     assert calls == [(loop, callback, "ctx", "a"), (loop, None, "ctx", "b")]
 
 
-@pytest.mark.anyio
 async def test_abort_inside_a_callback_stops_delivery_at_once() -> None:
     """Items queued behind the one being delivered are not delivered after abort(), even
     those the running drain had already picked up: they go to call_js as discards."""
@@ -900,7 +762,6 @@ async def test_abort_inside_a_callback_stops_delivery_at_once() -> None:
     assert (delivered, discarded) == ([0, 1], [2, 3, 4])
 
 
-@pytest.mark.anyio
 async def test_an_async_call_js_is_awaited_for_discarded_items_before_the_finalizer() -> None:
     """Issue 9, defect 16: an `async def call_js` was awaited for delivered items but not
     for discarded ones: those coroutines were dropped ("coroutine ... was never
@@ -924,7 +785,6 @@ async def test_an_async_call_js_is_awaited_for_discarded_items_before_the_finali
     assert order == [("discarded", 0), ("discarded", 1), ("discarded", 2), "finalized"]
 
 
-@pytest.mark.anyio
 async def test_an_async_finalizer_is_awaited_or_refused_never_dropped() -> None:
     """Sibling of issue 9, defect 16: a finalizer written as `async def` returns a
     coroutine. Dropping it ("coroutine ... was never awaited") skips its cleanup in
@@ -954,7 +814,6 @@ async def test_an_async_finalizer_is_awaited_or_refused_never_dropped() -> None:
     assert ran == [True]
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("max_queue_size", [0, 1], ids=["unbounded", "bounded"])
 async def test_no_wake_up_is_lost_when_each_call_waits_for_its_delivery(
     max_queue_size: int, tiny_switch_interval: None
@@ -987,7 +846,6 @@ async def test_no_wake_up_is_lost_when_each_call_waits_for_its_delivery(
     assert got == list(range(rounds))
 
 
-@pytest.mark.anyio
 async def test_finalizer_runs_once_on_the_loop_thread_after_every_item(
     tiny_switch_interval: None,
 ) -> None:
@@ -1020,7 +878,6 @@ async def test_finalizer_runs_once_on_the_loop_thread_after_every_item(
 # -- wake-ups ------------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_calls_while_a_drain_is_pending_cost_one_wake_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1048,7 +905,6 @@ async def test_calls_while_a_drain_is_pending_cost_one_wake_up(
     assert got == list(range(1102))
 
 
-@pytest.mark.anyio
 async def test_calls_while_a_drain_runs_wake_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     """Items queued while a callback runs are picked up by that drain's follow-up."""
     scheduled = wake_up_spy(monkeypatch)
@@ -1075,7 +931,6 @@ async def test_calls_while_a_drain_runs_wake_nothing(monkeypatch: pytest.MonkeyP
     assert got == list(range(501))
 
 
-@pytest.mark.anyio
 async def test_a_drain_delivers_at_most_1000_items_then_lets_other_callbacks_run() -> None:
     got: list[object] = []
 
@@ -1127,7 +982,6 @@ class _QueueWithAHook(deque[Any]):
         return not empty  # the look taken before the producer's append
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("max_queue_size", [0, 10], ids=["unbounded", "bounded"])
 async def test_an_item_queued_as_the_drain_goes_idle_is_still_delivered(
     max_queue_size: int,
@@ -1170,7 +1024,6 @@ class _InflightWithAHook(set[object]):
         return len(self) > 0
 
 
-@pytest.mark.anyio
 async def test_a_call_that_passed_the_closing_check_lands_before_abort_discards() -> None:
     """An unbounded call checked `closing` (not yet set) and is about to append when the
     loop aborts. abort must wait for it, so the item is discarded like the others:
@@ -1280,7 +1133,6 @@ class _TokenTakenThenInterrupted(list[None]):
         return taken
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("max_queue_size", [0, 4], ids=["unbounded", "bounded"])
 async def test_an_interrupt_after_taking_the_wake_token_does_not_wedge_the_function(
     max_queue_size: int,
@@ -1327,7 +1179,6 @@ class _MarkedThenInterrupted(set[object]):
             raise KeyboardInterrupt
 
 
-@pytest.mark.anyio
 async def test_an_interrupt_after_marking_a_call_in_flight_leaves_no_marker() -> None:
     """Issue 9, defect 3 (its 3.10 half): an interrupt between marking an unbounded call
     in flight and entering the `try` that unmarks it left the marker behind, and the
@@ -1357,7 +1208,6 @@ async def test_an_interrupt_after_marking_a_call_in_flight_leaves_no_marker() ->
     "_wake(); an interrupt landing at _wake's entry (where CPython checks for pending "
     "signals and async exceptions) loses the only wake-up that would finalize",
 )
-@pytest.mark.anyio
 @pytest.mark.parametrize("closer", ["release", "abort"])
 async def test_an_interrupt_as_release_or_abort_wakes_the_loop_does_not_wedge_closing(
     closer: str,
@@ -1393,167 +1243,3 @@ async def test_an_interrupt_as_release_or_abort_wakes_the_loop_does_not_wedge_cl
     # while the defect stands every run of this test waits it out, four times over.
     await asyncio.wait_for(fn.wait_closed(), 2.0)
     assert finalized == [True]
-
-
-# -- loop shutdown -------------------------------------------------------------------------
-
-
-class _Streaming:
-    """A function fed by a producer that calls until told Closing, with full accounting."""
-
-    def __init__(self) -> None:
-        self.delivered: list[int] = []
-        self.discarded: list[int] = []
-        self.finalized: list[int] = []  # the finalizer's thread id
-        self.accepted = 0
-        self.some_delivered: asyncio.Event | None = None
-        self.fn: tsfn.ThreadsafeFunction[int] | None = None
-        self.producer: Worker | None = None
-
-    def call_js(self, loop: object, callback: object, context: object, data: int) -> None:
-        if loop is None:
-            self.discarded.append(data)
-            return
-        self.delivered.append(data)
-        if len(self.delivered) == 10:
-            assert self.some_delivered is not None
-            self.some_delivered.set()
-
-    def produce(self) -> None:
-        assert self.fn is not None
-        while True:
-            self.fn.call(self.accepted)  # raises Closing at shutdown: the only way out
-            self.accepted += 1
-
-    async def start(self) -> None:
-        """Create the function and its producer; return once items flow."""
-        self.some_delivered = asyncio.Event()
-        self.fn = tsfn.ThreadsafeFunction(
-            call_js=self.call_js,
-            max_queue_size=1,
-            finalizer=lambda _: self.finalized.append(threading.get_ident()),
-        )
-        self.producer = start(self.produce, "streaming-producer")
-        await self.some_delivered.wait()
-
-    def check_aborted_cleanly(self) -> None:
-        assert self.fn is not None
-        assert self.producer is not None
-        self.producer.finish()
-        assert isinstance(self.producer.error, tsfn.Closing), repr(self.producer.error)
-        assert "Event loop is closed" not in str(self.producer.error)
-        assert self.finalized == [threading.get_ident()]  # once, on the loop's thread
-        assert self.fn.closing
-        assert self.fn.closed
-        # Every accepted call was delivered or discarded, once, in order.
-        assert self.delivered + self.discarded == list(range(self.accepted))
-        # And the function stays closed for anyone who tries later, from any thread.
-        fn = self.fn
-        late = start(lambda: fn.call(-1))
-        late.finish()
-        assert isinstance(late.error, tsfn.Closing)
-        assert "Event loop is closed" not in str(late.error)
-
-
-def test_asyncio_run_shutdown_aborts_an_open_function(
-    loop_factory: LoopFactory, tiny_switch_interval: None, caplog: pytest.LogCaptureFixture
-) -> None:
-    streaming = _Streaming()
-    asyncio_run(streaming.start(), loop_factory)
-    streaming.check_aborted_cleanly()
-    assert "Event loop is closed" not in caplog.text
-
-
-def test_asyncio_runner_close_aborts_an_open_function_with_a_producer_waiting(
-    loop_factory: LoopFactory, caplog: pytest.LogCaptureFixture
-) -> None:
-    if sys.version_info < (3, 11):
-        pytest.skip("asyncio.Runner is new in 3.11")
-    streaming = _Streaming()
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(streaming.start())
-        # Between runs the loop does not turn: the producer fills the queue and waits.
-        assert streaming.fn is not None
-        fn = streaming.fn
-        wait_until(lambda: blocked_callers(fn) == 1)
-    streaming.check_aborted_cleanly()
-    assert "Event loop is closed" not in caplog.text
-
-
-def test_loop_close_makes_calls_raise_closing_and_wakes_blocked_callers(
-    loop_factory: LoopFactory,
-) -> None:
-    loop = loop_factory()
-    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
-        lambda _: None, max_queue_size=1, loop=loop
-    )
-    fn.call(0)  # the loop never runs: the queue stays full
-    callers = [start(functools.partial(fn.call, i), f"blocked-{i}") for i in range(1, 4)]
-    wait_until(lambda: blocked_callers(fn) == 3)
-
-    loop.close()
-    for caller in callers:
-        caller.finish()
-        assert isinstance(caller.error, tsfn.Closing), repr(caller.error)
-    for attempt in (lambda: fn.call(9), lambda: fn.call_nowait(9), lambda: fn.submit(9)):
-        with pytest.raises(tsfn.Closing, match="closed"):
-            attempt()
-    assert not fn.closed  # the finalizer cannot run on a closed loop
-
-
-def test_loop_close_makes_the_function_closing(loop_factory: LoopFactory) -> None:
-    loop = loop_factory()
-    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None, loop=loop)
-    loop.close()
-    with pytest.raises(tsfn.Closing):
-        fn.call(1)
-    assert fn.closing
-    with pytest.raises(tsfn.Closing):
-        fn.acquire()
-
-
-@pytest.mark.parametrize(
-    "first_on_its_loop",
-    [True, False],
-    ids=["first-function-of-its-loop", "loop-already-has-a-function"],
-)
-def test_function_created_by_an_executor_job_during_shutdown_is_still_aborted(
-    loop_factory: LoopFactory, first_on_its_loop: bool
-) -> None:
-    """asyncio.run joins the default executor after closing async generators; a job
-    still running then may create a function. It must not outlive the loop open."""
-    asyncgens_closed = threading.Event()
-    finalized: list[str] = []
-    made: list[tsfn.ThreadsafeFunction[int]] = []
-    keep: list[object] = []
-
-    async def marker() -> Any:
-        try:
-            yield
-        finally:  # run by loop.shutdown_asyncgens()
-            asyncgens_closed.set()
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        if not first_on_its_loop:
-            other: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
-            other.release()
-            await other.wait_closed()
-        generator = marker()
-        await generator.asend(None)
-        keep.append(generator)  # alive until shutdown_asyncgens closes it
-
-        def job() -> None:
-            assert asyncgens_closed.wait(WAIT)
-            made.append(
-                tsfn.ThreadsafeFunction(
-                    lambda _: None, loop=loop, finalizer=lambda _: finalized.append("late")
-                )
-            )
-
-        loop.run_in_executor(None, job)  # not awaited: asyncio.run joins it at shutdown
-
-    asyncio_run(main(), loop_factory)
-    fn = made[-1]
-    assert fn.closed
-    assert finalized == ["late"]

@@ -45,13 +45,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers import WAIT, Worker, start
+from _helpers import WAIT, Worker, loop_errors, start
+from _loops import LoopFactory
 
 import tsfn
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
-LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 ARRAY_LENGTH = 10_000  # binding.c
 BOUNDED_LENGTH = 2_000  # binding.c's 10,000, scaled for the queue of 2 (see above)
@@ -341,7 +341,6 @@ def assert_could_not_finish(result: list[object], binding: Binding, length: int)
 # -- T0-T10, T12-T14: test-threadsafe.js and test-threadsafe-infinite-queue.js -----------
 
 
-@pytest.mark.anyio
 async def test_T0_without_call_js_the_callback_gets_every_item() -> None:
     """testWithoutJSMarshaller. Node's default marshaller calls the JS function with no
     arguments; tsfn's (no call_js) calls callback(data): every item, exactly once."""
@@ -354,7 +353,6 @@ async def test_T0_without_call_js_the_callback_gets_every_item() -> None:
     assert result == expected(BOUNDED_LENGTH)
 
 
-@pytest.mark.anyio
 async def test_T1_blocking_calls_on_a_bounded_queue_deliver_every_value_in_order() -> None:
     """The one bounded case at Node's full length, as the faithful reference."""
     result, _ = await with_js_marshaller(
@@ -363,7 +361,6 @@ async def test_T1_blocking_calls_on_a_bounded_queue_deliver_every_value_in_order
     assert result == expected(ARRAY_LENGTH)
 
 
-@pytest.mark.anyio
 async def test_T2_call_js_without_a_callback_delivers_every_value() -> None:
     """StartThreadNoJsFunc: callback=None, call_js gets callback=None and finds the
     JS function elsewhere."""
@@ -376,7 +373,6 @@ async def test_T2_call_js_without_a_callback_delivers_every_value() -> None:
     assert result == expected(BOUNDED_LENGTH)
 
 
-@pytest.mark.anyio
 async def test_T3_non_blocking_calls_retry_on_queue_full_and_deliver_every_value() -> None:
     result, binding = await with_js_marshaller(
         START_THREAD_NONBLOCKING,
@@ -388,7 +384,6 @@ async def test_T3_non_blocking_calls_retry_on_queue_full_and_deliver_every_value
     assert binding.queue_was_full.is_set()
 
 
-@pytest.mark.anyio
 async def test_T4_release_after_the_first_value_drops_nothing() -> None:
     result, _ = await with_js_marshaller(
         START_THREAD, quit_after=1, max_queue_size=MAX_QUEUE_SIZE, length=BOUNDED_LENGTH
@@ -396,7 +391,6 @@ async def test_T4_release_after_the_first_value_drops_nothing() -> None:
     assert result == expected(BOUNDED_LENGTH)
 
 
-@pytest.mark.anyio
 async def test_T5_non_blocking_release_after_the_first_value_drops_nothing() -> None:
     result, _ = await with_js_marshaller(
         START_THREAD_NONBLOCKING,
@@ -407,7 +401,6 @@ async def test_T5_non_blocking_release_after_the_first_value_drops_nothing() -> 
     assert result == expected(BOUNDED_LENGTH)
 
 
-@pytest.mark.anyio
 async def test_T6_acquire_and_release_on_a_secondary_thread_drop_nothing() -> None:
     result, binding = await with_js_marshaller(
         START_THREAD,
@@ -423,7 +416,6 @@ async def test_T6_acquire_and_release_on_a_secondary_thread_drop_nothing() -> No
     ]
 
 
-@pytest.mark.anyio
 async def test_T7_non_blocking_with_a_secondary_thread_drops_nothing() -> None:
     result, _ = await with_js_marshaller(
         START_THREAD_NONBLOCKING,
@@ -435,7 +427,6 @@ async def test_T7_non_blocking_with_a_secondary_thread_drops_nothing() -> None:
     assert result == expected(BOUNDED_LENGTH)
 
 
-@pytest.mark.anyio
 async def test_T8_abort_after_the_first_value_wakes_the_blocked_producer() -> None:
     result, binding = await with_js_marshaller(
         START_THREAD,
@@ -447,7 +438,6 @@ async def test_T8_abort_after_the_first_value_wakes_the_blocked_producer() -> No
     assert_could_not_finish(result, binding, BOUNDED_LENGTH)
 
 
-@pytest.mark.anyio
 async def test_T9_abort_stops_a_non_blocking_producer() -> None:
     result, binding = await with_js_marshaller(
         START_THREAD_NONBLOCKING,
@@ -459,7 +449,6 @@ async def test_T9_abort_stops_a_non_blocking_producer() -> None:
     assert_could_not_finish(result, binding, BOUNDED_LENGTH)
 
 
-@pytest.mark.anyio
 async def test_T10_more_than_a_drain_batch_queued_per_wake_up_never_stalls() -> None:
     """kMaxIterationCount: a queue of 5,000 is full before the loop drains at all, so
     each wake-up finds far more items than one batch delivers."""
@@ -472,19 +461,16 @@ async def test_T10_more_than_a_drain_batch_queued_per_wake_up_never_stalls() -> 
     assert binding.queue_was_full.is_set()
 
 
-@pytest.mark.anyio
 async def test_T12_blocking_calls_on_an_unbounded_queue_deliver_every_value() -> None:
     result, _ = await with_js_marshaller(START_THREAD, quit_after=ARRAY_LENGTH, max_queue_size=0)
     assert result == expected(ARRAY_LENGTH)
 
 
-@pytest.mark.anyio
 async def test_T13_unbounded_release_after_the_first_value_drops_nothing() -> None:
     result, _ = await with_js_marshaller(START_THREAD, quit_after=1, max_queue_size=0)
     assert result == expected(ARRAY_LENGTH)
 
 
-@pytest.mark.anyio
 async def test_T14_unbounded_abort_after_the_first_value_discards_the_rest() -> None:
     result, binding = await with_js_marshaller(
         START_THREAD, quit_after=1, max_queue_size=0, abort=True
@@ -673,7 +659,6 @@ def test_U2_ref_after_unref_keeps_the_process_running(child_loop: str) -> None:
 # -- T16-T19: uncaught exceptions ----------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_T16_T17_callback_then_finalizer_exceptions_reach_the_handler_in_order() -> None:
     """CallIntoModule: one call, one release. The callback's exception reaches the loop's
     handler first, the finalizer's second (Node: 'uncaughtException', twice).
@@ -682,7 +667,6 @@ async def test_T16_T17_callback_then_finalizer_exceptions_reach_the_handler_in_o
     they have no port: exceptions always reach the handler.
     """
     calls: list[str] = []
-    reported: list[BaseException] = []
     callback_error, finalizer_error = (
         RuntimeError("callback error"),
         RuntimeError("finalizer error"),
@@ -696,20 +680,15 @@ async def test_T16_T17_callback_then_finalizer_exceptions_reach_the_handler_in_o
         calls.append("finalizer")
         raise finalizer_error
 
-    loop = asyncio.get_running_loop()
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: reported.append(context["exception"]))
-    try:
+    with loop_errors(asyncio.get_running_loop()) as reported:
         fn: tsfn.ThreadsafeFunction[None] = tsfn.ThreadsafeFunction(
             callback, finalizer=finalizer, name="resource_name"
         )
         fn.call(None)
         fn.release()
         await fn.wait_closed()
-    finally:
-        loop.set_exception_handler(previous)
     assert calls == ["callback", "finalizer"]
-    assert reported == [callback_error, finalizer_error]
+    assert [context["exception"] for context in reported] == [callback_error, finalizer_error]
 
 
 # -- T20: test_threadsafe_function_abort ---------------------------------------------------
@@ -828,7 +807,6 @@ def test_T22_32_threads_blocked_on_a_full_queue_at_asyncio_runner_shutdown_all_s
 # -- T23, T24: multi-thread-count release, re-entrant release -----------------------------
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("where", ["loop-thread", "three-threads"])
 async def test_T23a_releasing_every_count_finalizes_exactly_once(
     where: str, tiny_switch_interval: None
@@ -862,7 +840,6 @@ async def test_T23a_releasing_every_count_finalizes_exactly_once(
     assert never_called == []
 
 
-@pytest.mark.anyio
 async def test_T23b_calls_after_abort_raise_closing_and_finalize_exactly_once() -> None:
     finalized: list[object] = []
     never_called: list[object] = []
@@ -932,7 +909,6 @@ def test_T24_abort_and_release_from_a_finalizer_at_teardown_do_not_reenter(
 # -- node-addon-api: threadsafe_function.js (N1-N16) ----------------------------------------
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize(
     "starter", [ADDON_NO_NATIVE, ADDON_NONBLOCKING_NO_NATIVE], ids=["N1", "N2"]
 )
@@ -964,7 +940,6 @@ ADDON_CASES = [
 ]
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize(
     ("starter", "max_queue_size", "quit_after", "secondary", "abort"),
     [case[1:] for case in ADDON_CASES],
@@ -993,7 +968,6 @@ async def test_N3_to_N15_release_or_abort_from_inside_the_callback(
         assert result == expected(ADDON_LENGTH)
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize(
     ("secondary", "abort"),
     [(False, False), (True, False), (False, True)],
@@ -1026,7 +1000,6 @@ async def test_N9_N12_N16_items_that_are_functions_run_on_delivery_never_on_disc
 # -- C1, C2: threadsafe_function_ctx.js ----------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_C1_C2_context_is_returned_and_handed_to_the_finalizer() -> None:
     """getContext() returns what was passed, from any thread; release() resolves through
     the finalizer, which gets the context. Without one, the context is None."""
@@ -1055,7 +1028,6 @@ async def test_C1_C2_context_is_returned_and_handed_to_the_finalizer() -> None:
 # -- E1, E2: threadsafe_function_exception.js ----------------------------------------------
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("thrower", ["callback", "call_js"], ids=["E1", "E2"])
 async def test_E1_E2_an_exception_in_the_callback_or_call_js_is_reported_once(
     thrower: str,
@@ -1069,11 +1041,7 @@ async def test_E1_E2_an_exception_in_the_callback_or_call_js_is_reported_once(
         calls.append(args)
         raise error
 
-    loop = asyncio.get_running_loop()
-    reported: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: reported.append(context))
-    try:
+    with loop_errors(asyncio.get_running_loop()) as reported:
         if thrower == "callback":
             fn: tsfn.ThreadsafeFunction[None] = tsfn.ThreadsafeFunction(raising)
         else:
@@ -1081,8 +1049,6 @@ async def test_E1_E2_an_exception_in_the_callback_or_call_js_is_reported_once(
         start(lambda: fn.call(None)).join(WAIT)
         fn.release()
         await fn.wait_closed()
-    finally:
-        loop.set_exception_handler(previous)
     assert len(calls) == 1
     assert [context["exception"] for context in reported] == [error]
 
@@ -1090,7 +1056,6 @@ async def test_E1_E2_an_exception_in_the_callback_or_call_js_is_reported_once(
 # -- X1-X4: threadsafe_function_existing_tsfn.js -------------------------------------------
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("block", [True, False], ids=["blocking", "non-blocking"])
 @pytest.mark.parametrize("with_data", [True, False], ids=["data", "no-data"])
 async def test_X1_to_X4_release_from_inside_call_js_delivers_then_finalizes(
@@ -1131,7 +1096,6 @@ async def test_X1_to_X4_release_from_inside_call_js_delivers_then_finalizes(
 SUM_THREADS = 5  # node-addon-api's THREAD_COUNT; EXPECTED_SUM = 0 + 1 + 2 + 3 + 4 = 10
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize("when", ["S1-delayed", "S2-at-start", "S3-acquire"])
 async def test_S1_to_S3_five_threads_sum_to_ten(when: str, tiny_switch_interval: None) -> None:
     """S1: threads exist first and get the function later; S2: they get it at start

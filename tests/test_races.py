@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import random
 import threading
 import time
@@ -24,41 +25,18 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from _helpers import WAIT, join_all, join_all_from_loop, start_threads, until
 
 import tsfn
 import tsfn._lifecycle
 
-pytestmark = pytest.mark.timeout(60)
-
-JOIN = 10.0  # a thread not done after this long is hung, not slow
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
 
 @pytest.fixture
 def no_poll(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only a real wake-up can free a blocked caller (see the module docstring)."""
     monkeypatch.setattr(tsfn._lifecycle, "CLOSED_LOOP_POLL", 3600.0)
-
-
-def join_all(threads: list[threading.Thread]) -> None:
-    deadline = time.monotonic() + JOIN
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    assert [t.name for t in threads if t.is_alive()] == [], "threads hung"
-
-
-async def join_all_from_loop(threads: list[threading.Thread]) -> None:
-    """join_all without blocking the loop, which the threads may need."""
-    await asyncio.get_running_loop().run_in_executor(None, join_all, threads)
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Let the loop run until `condition()` holds.
-
-    Polled, because other threads make it true; what the test then checks does not
-    depend on how long this took.
-    """
-    while not condition():  # noqa: ASYNC110 - set by threads, which cannot set an asyncio.Event
-        await asyncio.sleep(0.001)
 
 
 Item = tuple[int, int]  # (producer, sequence number within that producer)
@@ -85,6 +63,15 @@ class Record:
 
     def finalizer(self, _context: object) -> None:
         self.finalized.append(len(self.delivered) + len(self.discarded))
+
+    def function(self, max_queue_size: int, producers: int = 1) -> tsfn.ThreadsafeFunction[Item]:
+        """A function on the running loop whose every hand-over this record sees."""
+        return tsfn.ThreadsafeFunction(
+            call_js=self.call_js,
+            max_queue_size=max_queue_size,
+            initial_thread_count=producers,
+            finalizer=self.finalizer,
+        )
 
     def check(self, accepted: dict[int, list[int]], *, discards_a_tail: bool = True) -> None:
         """Nothing lost or doubled, per-producer order kept, finalizer once and last.
@@ -137,7 +124,6 @@ HOWS = ["call", "nowait", "timed", "submit"]
 # -- many threads, tiny queues ----------------------------------------------------------------
 
 
-@pytest.mark.anyio
 @pytest.mark.usefixtures("tiny_switch_interval")
 @pytest.mark.parametrize(("producers", "queue_size"), [(32, 1), (64, 2), (48, 4), (64, 0)])
 async def test_many_threads_on_a_tiny_queue_deliver_every_item_once_in_order(
@@ -149,12 +135,7 @@ async def test_many_threads_on_a_tiny_queue_deliver_every_item_once_in_order(
     futures: list[tuple[Item, concurrent.futures.Future[Any]]] = []
     errors: list[BaseException] = []
     start = threading.Barrier(producers)
-    fn = tsfn.ThreadsafeFunction(
-        call_js=record.call_js,
-        max_queue_size=queue_size,
-        initial_thread_count=producers,
-        finalizer=record.finalizer,
-    )
+    fn = record.function(queue_size, producers)
 
     def produce(producer: int) -> None:
         rng = random.Random(producer)
@@ -173,10 +154,8 @@ async def test_many_threads_on_a_tiny_queue_deliver_every_item_once_in_order(
         finally:
             fn.release()
 
-    threads = [threading.Thread(target=produce, args=(p,)) for p in range(producers)]
-    for thread in threads:
-        thread.start()
-    await asyncio.wait_for(fn.wait_closed(), JOIN)
+    threads = start_threads(functools.partial(produce, p) for p in range(producers))
+    await asyncio.wait_for(fn.wait_closed(), WAIT)
     await join_all_from_loop(threads)
 
     assert errors == []
@@ -188,7 +167,6 @@ async def test_many_threads_on_a_tiny_queue_deliver_every_item_once_in_order(
     assert fn.qsize() == 0
 
 
-@pytest.mark.anyio
 @pytest.mark.usefixtures("tiny_switch_interval", "no_poll")
 @pytest.mark.parametrize("seed", range(6))
 async def test_abort_at_a_random_point_wakes_every_caller_and_loses_nothing(seed: int) -> None:
@@ -201,12 +179,7 @@ async def test_abort_at_a_random_point_wakes_every_caller_and_loses_nothing(seed
     accepted: dict[int, list[int]] = {p: [] for p in range(producers)}
     ended: list[str] = []
     errors: list[BaseException] = []
-    fn = tsfn.ThreadsafeFunction(
-        call_js=record.call_js,
-        max_queue_size=queue_size,
-        initial_thread_count=producers,
-        finalizer=record.finalizer,
-    )
+    fn = record.function(queue_size, producers)
 
     def produce(producer: int) -> None:
         local = random.Random(seed * 1000 + producer)
@@ -222,10 +195,8 @@ async def test_abort_at_a_random_point_wakes_every_caller_and_loses_nothing(seed
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=produce, args=(p,)) for p in range(producers)]
-    for thread in threads:
-        thread.start()
-    await asyncio.wait_for(fn.wait_closed(), JOIN)
+    threads = start_threads(functools.partial(produce, p) for p in range(producers))
+    await asyncio.wait_for(fn.wait_closed(), WAIT)
     await join_all_from_loop(threads)
 
     assert errors == []
@@ -238,7 +209,6 @@ async def test_abort_at_a_random_point_wakes_every_caller_and_loses_nothing(seed
 # -- nodejs/node#58723: blocked producers must all be woken ----------------------------------
 
 
-@pytest.mark.anyio
 @pytest.mark.usefixtures("no_poll")
 @pytest.mark.parametrize("producers", [4, 9, 16])
 @pytest.mark.parametrize("queue_size", [1, 2, 5, 64])
@@ -264,11 +234,9 @@ async def test_blocking_producers_on_a_small_queue_never_hang(
             except tsfn.Closing:
                 pass  # only after a hang, when the test aborts to free us
 
-        threads = [threading.Thread(target=produce, args=(p,)) for p in range(producers)]
-        for thread in threads:
-            thread.start()
+        threads = start_threads(functools.partial(produce, p) for p in range(producers))
         try:
-            await asyncio.wait_for(fn.wait_closed(), JOIN)
+            await asyncio.wait_for(fn.wait_closed(), WAIT)
         except asyncio.TimeoutError:
             fn.abort()  # free the hung producers so the failure is reported, not a hang
             await join_all_from_loop(threads)
@@ -277,7 +245,6 @@ async def test_blocking_producers_on_a_small_queue_never_hang(
         assert sorted(delivered) == [(p, s) for p in range(producers) for s in range(items)]
 
 
-@pytest.mark.anyio
 @pytest.mark.usefixtures("no_poll")
 @pytest.mark.parametrize("how", ["abort", "release"])
 @pytest.mark.parametrize(("producers", "queue_size"), [(4, 1), (16, 4), (64, 1)])
@@ -290,9 +257,7 @@ async def test_closing_wakes_every_blocked_caller_at_once(
     ever drained: the only way out for a blocked caller is the wake-up on closing.
     """
     record = Record()
-    fn = tsfn.ThreadsafeFunction(
-        call_js=record.call_js, max_queue_size=queue_size, finalizer=record.finalizer
-    )
+    fn = record.function(queue_size)
     for seq in range(queue_size):
         fn.call_nowait((-1, seq))  # full, and nothing will drain it
     outcomes: list[object] = []
@@ -306,9 +271,7 @@ async def test_closing_wakes_every_blocked_caller_at_once(
         except BaseException as exc:
             outcomes.append(exc)
 
-    threads = [threading.Thread(target=produce, args=(p,)) for p in range(producers)]
-    for thread in threads:
-        thread.start()
+    threads = start_threads(functools.partial(produce, p) for p in range(producers))
     ready.wait()
     if how == "abort":
         threading.Thread(target=fn.abort).start()
@@ -317,7 +280,7 @@ async def test_closing_wakes_every_blocked_caller_at_once(
     join_all(threads)  # deliberately blocking the loop thread: see the docstring
 
     assert [type(o) for o in outcomes] == [tsfn.Closing] * producers
-    await asyncio.wait_for(fn.wait_closed(), JOIN)
+    await asyncio.wait_for(fn.wait_closed(), WAIT)
     if how == "abort":
         assert record.discarded == [(-1, s) for s in range(queue_size)]
     else:
@@ -325,7 +288,6 @@ async def test_closing_wakes_every_blocked_caller_at_once(
     assert record.finalized == [queue_size]
 
 
-@pytest.mark.anyio
 async def test_producers_that_keep_calling_after_closing_do_not_stall_the_loop() -> None:
     """A producer may treat Closing as "drop it" and keep going (a log handler does).
 
@@ -350,13 +312,11 @@ async def test_producers_that_keep_calling_after_closing_do_not_stall_the_loop()
             with contextlib.suppress(tsfn.Closing):
                 fn.call(None)
 
-    threads = [threading.Thread(target=hammer) for _ in range(producers)]
-    for thread in threads:
-        thread.start()
+    threads = start_threads([hammer] * producers)
     await until(lambda: len(delivered) >= 1_000)  # all of them hard at it
     fn.abort()
     try:
-        await asyncio.wait_for(fn.wait_closed(), JOIN)
+        await asyncio.wait_for(fn.wait_closed(), WAIT)
     finally:
         stop.set()
         await join_all_from_loop(threads)
@@ -366,17 +326,11 @@ async def test_producers_that_keep_calling_after_closing_do_not_stall_the_loop()
 # -- submit futures cancelled by their callers while the loop delivers ----------------------
 
 
-@pytest.mark.anyio
 @pytest.mark.usefixtures("tiny_switch_interval")
 async def test_submitters_cancelling_their_futures_race_delivery_without_loss() -> None:
     producers, items = 16, 60
     record = Record()
-    fn = tsfn.ThreadsafeFunction(
-        call_js=record.call_js,
-        max_queue_size=2,
-        initial_thread_count=producers,
-        finalizer=record.finalizer,
-    )
+    fn = record.function(2, producers)
     outcomes: list[tuple[Item, bool, concurrent.futures.Future[Any]]] = []
 
     def produce(producer: int) -> None:
@@ -385,10 +339,8 @@ async def test_submitters_cancelling_their_futures_race_delivery_without_loss() 
             outcomes.append(((producer, seq), seq % 2 == 0 and future.cancel(), future))
         fn.release()
 
-    threads = [threading.Thread(target=produce, args=(p,)) for p in range(producers)]
-    for thread in threads:
-        thread.start()
-    await asyncio.wait_for(fn.wait_closed(), JOIN)
+    threads = start_threads(functools.partial(produce, p) for p in range(producers))
+    await asyncio.wait_for(fn.wait_closed(), WAIT)
     await join_all_from_loop(threads)
 
     record.check({p: list(range(items)) for p in range(producers)}, discards_a_tail=False)
@@ -407,7 +359,6 @@ async def test_submitters_cancelling_their_futures_race_delivery_without_loss() 
 # -- streams whose consumers leave at random points -----------------------------------------
 
 
-@pytest.mark.anyio
 @pytest.mark.usefixtures("tiny_switch_interval")
 @pytest.mark.parametrize("latest", [False, True], ids=["queue", "latest"])
 async def test_many_streams_left_early_stop_their_workers_and_keep_order(latest: bool) -> None:
@@ -456,7 +407,6 @@ async def test_many_streams_left_early_stop_their_workers_and_keep_order(latest:
         await asyncio.get_running_loop().run_in_executor(None, executor.shutdown)
 
 
-@pytest.mark.anyio
 @pytest.mark.usefixtures("tiny_switch_interval")
 async def test_latest_stream_always_delivers_the_last_item_under_races() -> None:
     for round_ in range(20):
@@ -479,7 +429,6 @@ async def test_latest_stream_always_delivers_the_last_item_under_races() -> None
 # -- AsyncWork cancelled while a worker may be picking it up --------------------------------
 
 
-@pytest.mark.anyio
 @pytest.mark.usefixtures("tiny_switch_interval")
 @pytest.mark.parametrize("own_executor", [False, True], ids=["default", "own"])
 async def test_cancel_racing_start_either_runs_or_cancels_never_both(own_executor: bool) -> None:

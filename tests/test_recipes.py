@@ -37,7 +37,7 @@ from test_examples import EXAMPLES, example_env, run_example
 
 import tsfn
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
 # Where Debian puts mosquitto (/usr/sbin), which a non-root PATH may lack.
 SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
@@ -368,7 +368,6 @@ class BlockedObserver:
         assert self.waiting.wait(10)
 
 
-@pytest.mark.anyio
 async def test_stopping_an_observer_whose_handler_waits_hangs_until_abort(
     tmp_path: Path,
 ) -> None:
@@ -391,7 +390,6 @@ async def test_stopping_an_observer_whose_handler_waits_hangs_until_abort(
     assert blocked.delivered == []  # aborted: the queued item was discarded
 
 
-@pytest.mark.anyio
 async def test_abort_then_stop_and_join_off_the_loop_never_hangs(tmp_path: Path) -> None:
     blocked = BlockedObserver(tmp_path)
     blocked.fn.abort()

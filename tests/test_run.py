@@ -22,13 +22,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from _loops import LoopFactory
 
 import tsfn
 from tsfn import AsyncWork, Closing, Status, ThreadsafeFunction
 
 pytestmark = pytest.mark.timeout(20)
-
-LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 
 class AfterMain:

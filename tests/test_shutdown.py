@@ -19,6 +19,11 @@ exception handler or log record sees an unexpected exception; what was accepted 
 delivered or discarded exactly once (where the finalizer can run); finalizers and
 `complete` run exactly once where they can and never where they cannot; every
 thread has finished when the test ends.
+
+Further down, the same promises without the `ENDINGS` matrix: one function fed by one
+producer as `asyncio.run` or an `asyncio.Runner` ends, a function created by an
+executor job during the shutdown, and what a function whose loop was closed directly
+still refuses and allows.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import sys
 import threading
@@ -35,13 +41,22 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
-from _loops import asyncio_run
+from _helpers import (
+    WAIT,
+    Worker,
+    blocked_callers,
+    join_all,
+    start,
+    start_threads,
+    until,
+    wait_until,
+)
+from _loops import LoopFactory, asyncio_run
 
 import tsfn
 
 pytestmark = pytest.mark.timeout(40)
 
-LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 Main = Callable[[], Coroutine[Any, Any, None]]
 
 ENDINGS = ["asyncio.run", "asyncio.Runner", "tsfn.run", "loop.close"]
@@ -50,7 +65,6 @@ ENDINGS = ["asyncio.run", "asyncio.Runner", "tsfn.run", "loop.close"]
 # woken at once by the shutdown hook, or within tsfn's 0.1 s poll after a bare
 # loop.close(); the rest is margin for a loaded 2-core machine.
 WAKE_BOUND = 1.0
-JOIN = 10.0  # how long a thread may take to finish before the test calls it a hang
 
 
 class MainEnded(Exception):
@@ -153,6 +167,34 @@ class Ledger:
     def finalizer(self, _context: object) -> None:
         self.finalized += 1
 
+    def producer(self, body: Callable[[], object]) -> Callable[[], None]:
+        """A thread target that runs `body` and books how it ended: `Closing`, or an error."""
+
+        def run() -> None:
+            try:
+                body()
+            except tsfn.Closing:
+                self.closing()
+            except BaseException as exc:
+                self.error(exc)
+
+        return run
+
+    def function(
+        self,
+        max_queue_size: int,
+        producers: int,
+        callback: Callable[[int], object] = lambda _: None,
+    ) -> tsfn.ThreadsafeFunction[int]:
+        """A function on the running loop whose every hand-over this ledger books."""
+        return tsfn.ThreadsafeFunction(
+            callback,
+            call_js=self.call_js,
+            max_queue_size=max_queue_size,
+            initial_thread_count=producers,
+            finalizer=self.finalizer,
+        )
+
     def watch_loop(self) -> None:
         """Send the running loop's error reports here (call at the start of main)."""
         asyncio.get_running_loop().set_exception_handler(
@@ -190,29 +232,6 @@ def ledger(caplog: pytest.LogCaptureFixture) -> Iterator[Ledger]:
     assert errors == [], f"errors were logged: {errors}"
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    """Let the loop run until `condition()` holds.
-
-    Polled, because other threads make it true; what the test then checks does not
-    depend on how long this took.
-    """
-    while not condition():  # noqa: ASYNC110 - set by threads, which cannot set an asyncio.Event
-        await asyncio.sleep(0.001)
-
-
-def start_threads(targets: list[Callable[[], None]]) -> list[threading.Thread]:
-    threads = [threading.Thread(target=target) for target in targets]
-    for thread in threads:
-        thread.start()
-    return threads
-
-
-def join_all(threads: list[threading.Thread]) -> None:
-    for thread in threads:
-        thread.join(JOIN)
-    assert [t.name for t in threads if t.is_alive()] == [], "threads left running"
-
-
 def shut_down(executor: concurrent.futures.Executor) -> None:
     """Join `executor`'s threads, failing (not hanging) if one never returns."""
     joiner = threading.Thread(target=executor.shutdown, kwargs={"wait": True})
@@ -227,16 +246,11 @@ def blocking_producer(
     fn: tsfn.ThreadsafeFunction[int], ledger: Ledger, first: int, timeout: float | None
 ) -> Callable[[], None]:
     def produce() -> None:
-        try:
-            for item in range(first, first + 1_000_000):
-                fn.call(item, timeout=timeout)
-                ledger.accept(item)
-        except tsfn.Closing:
-            ledger.closing()
-        except BaseException as exc:
-            ledger.error(exc)
+        for item in range(first, first + 1_000_000):
+            fn.call(item, timeout=timeout)
+            ledger.accept(item)
 
-    return produce
+    return ledger.producer(produce)
 
 
 @pytest.mark.parametrize("ending", ENDINGS)
@@ -248,13 +262,7 @@ def test_producers_blocked_on_a_full_queue_wake_with_closing(
 
     async def main() -> None:
         ledger.watch_loop()
-        fn = tsfn.ThreadsafeFunction(
-            lambda _: None,
-            call_js=ledger.call_js,
-            max_queue_size=2,
-            initial_thread_count=producers,
-            finalizer=ledger.finalizer,
-        )
+        fn = ledger.function(2, producers)
         # Half wait without a timeout, half with one far longer than the test: both
         # must be woken by the shutdown, not by their timeout.
         threads.extend(
@@ -283,13 +291,7 @@ def test_unreferenced_function_with_blocked_producers_does_not_keep_tsfn_run_ali
 
     async def main() -> None:
         ledger.watch_loop()
-        fn = tsfn.ThreadsafeFunction(
-            lambda _: None,
-            call_js=ledger.call_js,
-            max_queue_size=1,
-            initial_thread_count=producers,
-            finalizer=ledger.finalizer,
-        )
+        fn = ledger.function(1, producers)
         fn.unref()
         threads.extend(
             start_threads(
@@ -331,13 +333,7 @@ def test_callback_running_at_shutdown_is_cancelled_and_the_rest_discarded(
         def callback(item: int) -> object:
             return stuck(item) if item == 0 else None
 
-        fn = tsfn.ThreadsafeFunction(
-            callback,
-            call_js=ledger.call_js,
-            max_queue_size=4,
-            initial_thread_count=2,
-            finalizer=ledger.finalizer,
-        )
+        fn = ledger.function(4, 2, callback)
         futures.append(fn.submit(0))
         ledger.accept(0)
         fn.release()  # the remaining producer is the thread below
@@ -445,28 +441,23 @@ def test_submitters_get_a_result_or_a_cancelled_future_never_a_pending_one(
     cancelled: list[int] = []
     # A bare loop.close() strands what is queued (API.md: nothing can run it), so
     # there a caller may give up waiting; everywhere else a future must settle.
-    patience = 0.2 if ending == "loop.close" else JOIN
+    patience = 0.2 if ending == "loop.close" else WAIT
 
     def submitter(first: int, fn: tsfn.ThreadsafeFunction[int]) -> Callable[[], None]:
         def submit_all() -> None:
-            try:
-                for item in range(first, first + 1_000_000):
-                    future = fn.submit(item)
-                    ledger.accept(item)
-                    try:
-                        result = future.result(timeout=patience)
-                    except concurrent.futures.CancelledError:
-                        cancelled.append(item)
-                    except concurrent.futures.TimeoutError:
-                        pending.append(item)
-                    else:
-                        assert result == 2 * item, (item, result)
-            except tsfn.Closing:
-                ledger.closing()
-            except BaseException as exc:
-                ledger.error(exc)
+            for item in range(first, first + 1_000_000):
+                future = fn.submit(item)
+                ledger.accept(item)
+                try:
+                    result = future.result(timeout=patience)
+                except concurrent.futures.CancelledError:
+                    cancelled.append(item)
+                except concurrent.futures.TimeoutError:
+                    pending.append(item)
+                else:
+                    assert result == 2 * item, (item, result)
 
-        return submit_all
+        return ledger.producer(submit_all)
 
     async def main() -> None:
         ledger.watch_loop()
@@ -484,13 +475,7 @@ def test_submitters_get_a_result_or_a_cancelled_future_never_a_pending_one(
                 return doubled_later(item)
             return 2 * item
 
-        fn = tsfn.ThreadsafeFunction(
-            callback,
-            call_js=ledger.call_js,
-            max_queue_size=3,
-            initial_thread_count=producers,
-            finalizer=ledger.finalizer,
-        )
+        fn = ledger.function(3, producers, callback)
         threads.extend(start_threads([submitter(1_000_000 * p, fn) for p in range(producers)]))
         await until(lambda: len(ledger.accepted) >= 100)
         ledger.main_ended = time.monotonic()
@@ -606,7 +591,7 @@ def test_running_async_work_is_told_to_stop_and_completes_once(
     if ending == "loop.close":
         # Nothing tells a worker about a bare close, and complete() cannot run.
         let_go.set()
-        assert returned.wait(JOIN)
+        assert returned.wait(WAIT)
         assert completions == []
     else:
         assert returned.is_set(), "the loop ended before the work returned"
@@ -686,7 +671,7 @@ def test_call_whose_wake_up_meets_a_closed_loop_does_not_disown_a_discarded_item
         def call_soon_threadsafe(self, *args: Any, **kwargs: Any) -> Any:
             if threading.current_thread() in gated:
                 entered.set()
-                resume.wait(JOIN)
+                resume.wait(WAIT)
             return super().call_soon_threadsafe(*args, **kwargs)
 
     handed_over: list[object] = []
@@ -708,7 +693,7 @@ def test_call_whose_wake_up_meets_a_closed_loop_does_not_disown_a_discarded_item
         gated.append(threading.Thread(target=produce))
         gated[0].start()
         # The loop ends once the item is queued and its wake-up is held.
-        await asyncio.get_running_loop().run_in_executor(None, entered.wait, JOIN)
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, WAIT)
 
     _runner_run(main, PausingLoop)
     resume.set()
@@ -744,7 +729,7 @@ def test_function_created_as_its_loop_closes_raises_no_runtime_error(
             closed: bool = super().is_closed()
             if threading.current_thread() in gated and not entered.is_set():
                 entered.set()
-                resume.wait(JOIN)
+                resume.wait(WAIT)
             return closed
 
     outcome: list[object] = []
@@ -763,7 +748,7 @@ def test_function_created_as_its_loop_closes_raises_no_runtime_error(
         keep = loop.run_until_complete(first())
         gated.append(threading.Thread(target=create))
         gated[0].start()
-        assert entered.wait(JOIN)
+        assert entered.wait(WAIT)
         loop.run_until_complete(loop.shutdown_asyncgens())  # the shutdown hook runs
     finally:
         loop.close()
@@ -779,6 +764,223 @@ def test_function_created_as_its_loop_closes_raises_no_runtime_error(
             made.call(None)
     else:
         assert isinstance(made, (ValueError, tsfn.Closing)), repr(made)
+
+
+# -- a function still open when the loop ends, fed by one producer ------------------------
+
+
+class _Streaming:
+    """A function fed by a producer that calls until told Closing, with full accounting."""
+
+    def __init__(self) -> None:
+        self.delivered: list[int] = []
+        self.discarded: list[int] = []
+        self.finalized: list[int] = []  # the finalizer's thread id
+        self.accepted = 0
+        self.some_delivered: asyncio.Event | None = None
+        self.fn: tsfn.ThreadsafeFunction[int] | None = None
+        self.producer: Worker | None = None
+
+    def call_js(self, loop: object, callback: object, context: object, data: int) -> None:
+        if loop is None:
+            self.discarded.append(data)
+            return
+        self.delivered.append(data)
+        if len(self.delivered) == 10:
+            assert self.some_delivered is not None
+            self.some_delivered.set()
+
+    def produce(self) -> None:
+        assert self.fn is not None
+        while True:
+            self.fn.call(self.accepted)  # raises Closing at shutdown: the only way out
+            self.accepted += 1
+
+    async def start(self) -> None:
+        """Create the function and its producer; return once items flow."""
+        self.some_delivered = asyncio.Event()
+        self.fn = tsfn.ThreadsafeFunction(
+            call_js=self.call_js,
+            max_queue_size=1,
+            finalizer=lambda _: self.finalized.append(threading.get_ident()),
+        )
+        self.producer = start(self.produce, "streaming-producer")
+        await self.some_delivered.wait()
+
+    def check_aborted_cleanly(self) -> None:
+        assert self.fn is not None
+        assert self.producer is not None
+        self.producer.finish()
+        assert isinstance(self.producer.error, tsfn.Closing), repr(self.producer.error)
+        assert "Event loop is closed" not in str(self.producer.error)
+        assert self.finalized == [threading.get_ident()]  # once, on the loop's thread
+        assert self.fn.closing
+        assert self.fn.closed
+        # Every accepted call was delivered or discarded, once, in order.
+        assert self.delivered + self.discarded == list(range(self.accepted))
+        # And the function stays closed for anyone who tries later, from any thread.
+        fn = self.fn
+        late = start(lambda: fn.call(-1))
+        late.finish()
+        assert isinstance(late.error, tsfn.Closing)
+        assert "Event loop is closed" not in str(late.error)
+
+
+def test_asyncio_run_shutdown_aborts_an_open_function(
+    loop_factory: LoopFactory, tiny_switch_interval: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    streaming = _Streaming()
+    asyncio_run(streaming.start(), loop_factory)
+    streaming.check_aborted_cleanly()
+    assert "Event loop is closed" not in caplog.text
+
+
+def test_asyncio_runner_close_aborts_an_open_function_with_a_producer_waiting(
+    loop_factory: LoopFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    if sys.version_info < (3, 11):
+        pytest.skip("asyncio.Runner is new in 3.11")
+    streaming = _Streaming()
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(streaming.start())
+        # Between runs the loop does not turn: the producer fills the queue and waits.
+        assert streaming.fn is not None
+        fn = streaming.fn
+        wait_until(lambda: blocked_callers(fn) == 1)
+    streaming.check_aborted_cleanly()
+    assert "Event loop is closed" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "first_on_its_loop",
+    [True, False],
+    ids=["first-function-of-its-loop", "loop-already-has-a-function"],
+)
+def test_function_created_by_an_executor_job_during_shutdown_is_still_aborted(
+    loop_factory: LoopFactory, first_on_its_loop: bool
+) -> None:
+    """asyncio.run joins the default executor after closing async generators; a job
+    still running then may create a function. It must not outlive the loop open."""
+    asyncgens_closed = threading.Event()
+    finalized: list[str] = []
+    made: list[tsfn.ThreadsafeFunction[int]] = []
+    keep: list[object] = []
+
+    async def marker() -> Any:
+        try:
+            yield
+        finally:  # run by loop.shutdown_asyncgens()
+            asyncgens_closed.set()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        if not first_on_its_loop:
+            other: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
+            other.release()
+            await other.wait_closed()
+        generator = marker()
+        await generator.asend(None)
+        keep.append(generator)  # alive until shutdown_asyncgens closes it
+
+        def job() -> None:
+            assert asyncgens_closed.wait(WAIT)
+            made.append(
+                tsfn.ThreadsafeFunction(
+                    lambda _: None, loop=loop, finalizer=lambda _: finalized.append("late")
+                )
+            )
+
+        loop.run_in_executor(None, job)  # not awaited: asyncio.run joins it at shutdown
+
+    asyncio_run(main(), loop_factory)
+    fn = made[-1]
+    assert fn.closed
+    assert finalized == ["late"]
+
+
+# -- a function whose loop was closed directly -------------------------------------------
+#
+# API.md: after a bare loop.close() calls raise `Closing` and blocked callers wake with
+# `Closing`; the finalizer cannot run on a closed loop. The same holds whether the loop
+# never ran, ran a turn, or was closed with an item still queued.
+
+CLOSED_LOOP_STATES = ["never-ran", "ran-a-turn", "item-queued"]
+
+
+def _function_on_a_closed_loop(
+    loop_factory: LoopFactory, state: str
+) -> tsfn.ThreadsafeFunction[int]:
+    loop = loop_factory()
+    try:
+        fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+            lambda _: None, loop=loop, max_queue_size=1, initial_thread_count=2
+        )
+        if state == "ran-a-turn":
+            loop.run_until_complete(asyncio.sleep(0))
+        elif state == "item-queued":
+            fn.call(0)  # the loop never runs: the queue stays full
+    finally:
+        loop.close()
+    return fn
+
+
+def _queued_before_the_close(state: str) -> int:
+    return 1 if state == "item-queued" else 0
+
+
+@pytest.mark.parametrize("state", CLOSED_LOOP_STATES)
+def test_a_function_whose_loop_is_closed_is_closing_and_refuses_new_work(
+    loop_factory: LoopFactory, state: str
+) -> None:
+    fn = _function_on_a_closed_loop(loop_factory, state)
+    assert fn.closing
+    for attempt in (
+        lambda: fn.call(1),
+        lambda: fn.call(1, timeout=0.5),
+        lambda: fn.call_nowait(1),  # Closing, not QueueFull, even with the queue full
+        lambda: fn.submit(1),
+        lambda: fn.submit(1, block=False),
+        fn.acquire,
+    ):
+        with pytest.raises(tsfn.Closing, match="loop is closed"):
+            attempt()
+    assert fn.qsize() == _queued_before_the_close(state)  # the refused calls queued nothing
+    assert not fn.closed  # the finalizer cannot run on a closed loop
+
+
+@pytest.mark.parametrize("state", CLOSED_LOOP_STATES)
+def test_release_and_abort_on_a_function_whose_loop_is_closed_raise_nothing_new(
+    loop_factory: LoopFactory, state: str
+) -> None:
+    fn = _function_on_a_closed_loop(loop_factory, state)
+    # Releasing and aborting are still allowed and raise nothing (no RuntimeError).
+    fn.release()
+    fn.abort()
+    fn.release()
+    with pytest.raises(tsfn.Closing):
+        fn.release()  # released more than acquired
+    # Nothing can run on a closed loop, so an item queued before the close is neither
+    # delivered nor discarded through call_js by the abort: it stays (README's limits).
+    assert fn.qsize() == _queued_before_the_close(state)
+    assert not fn.closed
+
+
+def test_loop_close_wakes_callers_blocked_for_room_with_closing(
+    loop_factory: LoopFactory,
+) -> None:
+    loop = loop_factory()
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
+        lambda _: None, max_queue_size=1, loop=loop
+    )
+    fn.call(0)  # the loop never runs: the queue stays full
+    callers = [start(functools.partial(fn.call, i), f"blocked-{i}") for i in range(1, 4)]
+    wait_until(lambda: blocked_callers(fn) == 3)
+
+    loop.close()
+    for caller in callers:
+        caller.finish()
+        assert isinstance(caller.error, tsfn.Closing), repr(caller.error)
+    assert not fn.closed  # the finalizer cannot run on a closed loop
 
 
 # -- calls racing a bare loop.close() --------------------------------------------------------
@@ -797,35 +999,24 @@ def test_calls_racing_loop_close_raise_closing_never_runtime_error(
 
     def hammer(first: int, fn: tsfn.ThreadsafeFunction[int]) -> Callable[[], None]:
         def run() -> None:
-            try:
-                go.wait()
-                for n, item in enumerate(range(first, first + 1_000_000)):
-                    try:
-                        if n % 3 == 0:
-                            fn.call_nowait(item)
-                        elif n % 3 == 1:
-                            fn.call(item, timeout=30)
-                        else:
-                            fn.submit(item)
-                    except tsfn.QueueFull:
-                        continue
-                    ledger.accept(item)
-            except tsfn.Closing:
-                ledger.closing()
-            except BaseException as exc:
-                ledger.error(exc)
+            go.wait()
+            for n, item in enumerate(range(first, first + 1_000_000)):
+                try:
+                    if n % 3 == 0:
+                        fn.call_nowait(item)
+                    elif n % 3 == 1:
+                        fn.call(item, timeout=30)
+                    else:
+                        fn.submit(item)
+                except tsfn.QueueFull:
+                    continue
+                ledger.accept(item)
 
-        return run
+        return ledger.producer(run)
 
     async def main() -> None:
         ledger.watch_loop()
-        fn = tsfn.ThreadsafeFunction(
-            lambda _: None,
-            call_js=ledger.call_js,
-            max_queue_size=round_,  # unbounded in round 0
-            initial_thread_count=producers,
-            finalizer=ledger.finalizer,
-        )
+        fn = ledger.function(round_, producers)  # unbounded in round 0
         threads.extend(start_threads([hammer(1_000_000 * p, fn) for p in range(producers)]))
         go.wait()
         await until(lambda: len(ledger.accepted) >= 200)
@@ -996,11 +1187,11 @@ def test_loops_arming_their_hooks_at_once_leave_the_warning_state_alone(
 
     def first_during() -> None:
         first_inside.set()
-        assert second_inside.wait(JOIN)
+        assert second_inside.wait(WAIT)
 
     def second_during() -> None:
         second_inside.set()
-        assert first_done.wait(JOIN)
+        assert first_done.wait(WAIT)
 
     async def make_a_function(during: Callable[[], None], done: threading.Event) -> None:
         with firstiter_also_runs(during) as fired:
@@ -1016,7 +1207,7 @@ def test_loops_arming_their_hooks_at_once_leave_the_warning_state_alone(
     ) -> None:
         try:
             if after is not None:
-                assert after.wait(JOIN)
+                assert after.wait(WAIT)
             asyncio_run(make_a_function(during, done), loop_factory)
         except BaseException as exc:
             errors.append(exc)

@@ -27,10 +27,11 @@ from typing import Any
 
 import psutil
 import pytest
+from _loops import LoopFactory
 
 import tsfn
 
-LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+pytestmark = pytest.mark.anyio
 
 MB = 1024 * 1024
 
@@ -57,7 +58,6 @@ async def _freed(ref: weakref.ref[Any]) -> bool:
 
 
 @pytest.mark.timeout(20)
-@pytest.mark.anyio
 @pytest.mark.parametrize("ending", ["released", "aborted", "with_submit_and_tasks"])
 async def test_closed_function_is_freed_once_dropped(ending: str) -> None:
     delivered: list[int] = []
@@ -98,7 +98,6 @@ async def test_closed_function_is_freed_once_dropped(ending: str) -> None:
 
 
 @pytest.mark.timeout(20)
-@pytest.mark.anyio
 async def test_completed_async_work_is_freed_once_dropped() -> None:
     completions: list[tsfn.Status] = []
     work = tsfn.AsyncWork(lambda n: n * 2, lambda status, _: completions.append(status), data=21)
@@ -122,7 +121,6 @@ async def test_completed_async_work_is_freed_once_dropped() -> None:
 
 
 @pytest.mark.timeout(20)
-@pytest.mark.anyio
 @pytest.mark.parametrize("how", ["to_the_end", "left_early", "latest"])
 async def test_finished_stream_is_freed_once_dropped(how: str) -> None:
     def count(emit: Callable[[int], None], n: int) -> int:

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from _helpers import WAIT
+from _loops import LoopFactory
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -43,11 +45,9 @@ import tsfn
 
 pytestmark = pytest.mark.timeout(120)
 
-LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 Item = tuple[int, int]  # (the thread that sent it, its sequence number there)
 Event = tuple[str, Any]  # ("delivered", item) / ("discarded", item) / ("finalizer", ctx)
 
-REPLY = 10.0  # a command not answered after this long is a hang
 SIZES = st.sampled_from([0, 1, 2, 3])  # max_queue_size: unbounded, or tiny
 THREADS = st.integers(1, 3)  # initial_thread_count
 WORKERS = 3
@@ -85,7 +85,7 @@ class CommandThread:
 
     def result(self) -> Any:
         """The started job's return value; raises what it raised."""
-        ok, value = self._replies.get(timeout=REPLY)
+        ok, value = self._replies.get(timeout=WAIT)
         if not ok:
             raise value
         return value
@@ -103,7 +103,7 @@ class CommandThread:
 
     def stop(self) -> None:
         self._jobs.put(None)
-        self.thread.join(REPLY)
+        self.thread.join(WAIT)
         assert not self.thread.is_alive()
 
 
@@ -133,7 +133,7 @@ class LoopThread:
 
     def do(self, job: Callable[[], object]) -> Any:
         self._jobs.put(job)
-        ok, value = self._replies.get(timeout=REPLY)
+        ok, value = self._replies.get(timeout=WAIT)
         if not ok:
             raise value
         return value
@@ -535,10 +535,10 @@ class FunctionMachine(RuleBasedStateMachine):
             for worker in self.workers:
                 worker.stop()
             self.loop.end_main()
-            self.loop.thread.join(REPLY)
+            self.loop.thread.join(WAIT)
             if self.loop.thread.is_alive() and self.fn is not None:
                 self.fn.abort()  # a failure above: do not leave the loop thread behind
-                self.loop.thread.join(REPLY)
+                self.loop.thread.join(WAIT)
         assert not self.loop.thread.is_alive(), "tsfn.run never returned"
         self.state_matches_the_model()
 
@@ -559,7 +559,7 @@ class FunctionMachine(RuleBasedStateMachine):
         elif not model.referenced:
             # Unreferenced: tsfn.run aborts it at once, without draining first.
             model.closing = model.aborted = True
-        self.loop.thread.join(REPLY)
+        self.loop.thread.join(WAIT)
         model.drained()
 
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+from _helpers import set_from_worker
 
 import tsfn
 from tsfn import Closing
@@ -25,16 +26,6 @@ from tsfn import Closing
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(20)]
 
 Emit = Callable[[int], None]
-
-
-def set_from_worker(event: asyncio.Event) -> Callable[[], None]:
-    """A function a worker thread calls to set `event` on the loop (the only safe way)."""
-    loop = asyncio.get_running_loop()
-
-    def signal() -> None:
-        loop.call_soon_threadsafe(event.set)
-
-    return signal
 
 
 class EndlessWorker:

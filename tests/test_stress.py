@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import random
-import threading
 import time
 from typing import Any
 
 import pytest
+from _helpers import join_all_from_loop, start_threads
 
 import tsfn
 
-pytestmark = pytest.mark.timeout(600)  # the soak variant; the normal one takes seconds
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.timeout(600),
+]  # the soak variant; the normal one takes seconds
 
 THREADS = 64
 ITEMS = 1000  # per thread in the normal run; the soak run uses 20,000
@@ -60,7 +64,6 @@ class Totals:
         self.finalized.append(self.delivered[0] + self.discarded[0])
 
 
-@pytest.mark.anyio
 @pytest.mark.parametrize(
     "items",
     [pytest.param(ITEMS, id="normal"), pytest.param(20_000, marks=pytest.mark.soak, id="soak")],
@@ -121,11 +124,9 @@ async def test_64_threads_with_mixed_calls_add_up_exactly(
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=produce, args=(p,)) for p in range(THREADS)]
-    for thread in threads:
-        thread.start()
+    threads = start_threads(functools.partial(produce, p) for p in range(THREADS))
     await asyncio.wait_for(fn.wait_closed(), JOIN)
-    await asyncio.get_running_loop().run_in_executor(None, _join, threads)
+    await join_all_from_loop(threads, JOIN)
 
     assert errors == []
     assert len(finished) == THREADS, "a thread never finished"
@@ -143,9 +144,3 @@ async def test_64_threads_with_mixed_calls_add_up_exactly(
             # A submission discarded by the abort is cancelled; any other has its result.
             assert future.cancelled() or future.result() == value * 2
     assert fn.qsize() == 0
-
-
-def _join(threads: list[threading.Thread]) -> None:
-    for thread in threads:
-        thread.join(JOIN)
-    assert [t.name for t in threads if t.is_alive()] == [], "threads hung"

@@ -17,27 +17,19 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from _helpers import set_from_worker
+from _loops import LoopFactory
 
 import tsfn
 from tsfn import AsyncWork, Status
 
-pytestmark = pytest.mark.timeout(20)
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(20)]
 
 Completion = tuple[Status, object, int]  # (status, data, thread ident) seen by complete
-
-
-def set_from_worker(event: asyncio.Event) -> Callable[[], None]:
-    """A function a worker thread calls to set `event` on the loop (the only safe way)."""
-    loop = asyncio.get_running_loop()
-
-    def signal() -> None:
-        loop.call_soon_threadsafe(event.set)
-
-    return signal
 
 
 class RecordingComplete:
@@ -100,7 +92,6 @@ executor_kinds = pytest.mark.parametrize("kind", ["default", "explicit"])
 # -- the basic contract --------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_AW2_execute_on_a_worker_complete_on_the_loop_thread() -> None:
     loop_thread = threading.get_ident()
     execute_threads: list[int] = []
@@ -122,7 +113,6 @@ async def test_AW2_execute_on_a_worker_complete_on_the_loop_thread() -> None:
     assert work.status is Status.OK
 
 
-@pytest.mark.anyio
 async def test_awaiting_a_work_that_was_never_queued_queues_it() -> None:
     work = AsyncWork(lambda d: d + 1, data=41)
     assert await work == 42
@@ -131,7 +121,6 @@ async def test_awaiting_a_work_that_was_never_queued_queues_it() -> None:
         work.queue()
 
 
-@pytest.mark.anyio
 async def test_queue_twice_raises_runtime_error() -> None:
     work = AsyncWork(lambda d: d, data="x")
     work.queue()
@@ -140,7 +129,6 @@ async def test_queue_twice_raises_runtime_error() -> None:
     assert await work == "x"
 
 
-@pytest.mark.anyio
 async def test_execute_exception_is_raised_by_await_and_complete_gets_error() -> None:
     boom = ValueError("execute failed")
 
@@ -163,7 +151,7 @@ def _raise_stop_iteration(_: object) -> None:
 
 @pytest.mark.parametrize("kind", ["default", "explicit"])
 def test_execute_raising_stop_iteration_reaches_the_awaiter_and_run_returns(
-    loop_factory: Callable[[], asyncio.AbstractEventLoop], kind: str
+    loop_factory: LoopFactory, kind: str
 ) -> None:
     """Issue 9, defect 8: asyncio refuses StopIteration in a future (it would end a
     generator), so `execute` raising it left `await work` hanging forever on 3.10-3.12,
@@ -196,7 +184,6 @@ def test_execute_raising_stop_iteration_reaches_the_awaiter_and_run_returns(
     assert completed == [Status.ERROR, Status.ERROR]
 
 
-@pytest.mark.anyio
 async def test_execute_raising_stop_iteration_in_a_process_pool_reaches_the_awaiter() -> None:
     """Issue 9, defect 8, in another process: what carries StopIteration out of the
     worker must survive pickling, or the parent cannot read the result, the process
@@ -216,7 +203,6 @@ async def test_execute_raising_stop_iteration_in_a_process_pool_reaches_the_awai
     assert [s for s, _, _ in complete.calls] == [Status.ERROR]
 
 
-@pytest.mark.anyio
 async def test_an_async_complete_is_awaited_or_refused_never_dropped() -> None:
     """Sibling of issue 9, defect 16: `complete` written as `async def` returns a
     coroutine; dropping it ("coroutine ... was never awaited") skips it in silence.
@@ -242,7 +228,6 @@ async def test_an_async_complete_is_awaited_or_refused_never_dropped() -> None:
     assert ran == [Status.OK]
 
 
-@pytest.mark.anyio
 async def test_complete_may_be_omitted() -> None:
     # Node allows a NULL complete: completion then does nothing.
     assert await AsyncWork(lambda d: d * 3, data=3) == 9
@@ -252,7 +237,6 @@ async def test_complete_may_be_omitted() -> None:
 
 
 @executor_kinds
-@pytest.mark.anyio
 async def test_AW3_cancel_before_start_never_runs_and_completes_cancelled(kind: str) -> None:
     ran: list[object] = []
     complete = RecordingComplete()
@@ -276,7 +260,6 @@ async def test_AW3_cancel_before_start_never_runs_and_completes_cancelled(kind: 
 
 
 @executor_kinds
-@pytest.mark.anyio
 async def test_W2_cancel_while_running_returns_false_and_the_work_finishes(kind: str) -> None:
     started = asyncio.Event()
     finish = threading.Event()
@@ -304,7 +287,6 @@ async def test_W2_cancel_while_running_returns_false_and_the_work_finishes(kind:
     assert [(s, d) for s, d, _ in complete.calls] == [(Status.OK, 1)]
 
 
-@pytest.mark.anyio
 async def test_cancel_after_done_returns_false() -> None:
     complete = RecordingComplete()
     work = AsyncWork(lambda d: d, complete, data=7)
@@ -314,7 +296,6 @@ async def test_cancel_after_done_returns_false() -> None:
     assert len(complete.calls) == 1
 
 
-@pytest.mark.anyio
 async def test_cancel_before_queue_returns_false() -> None:
     work = AsyncWork(lambda d: d, data=7)
     assert work.cancel() is False
@@ -323,7 +304,7 @@ async def test_cancel_before_queue_returns_false() -> None:
 
 @executor_kinds
 def test_cancel_after_a_bare_loop_close_raises_nothing(
-    loop_factory: Callable[[], asyncio.AbstractEventLoop], kind: str
+    loop_factory: LoopFactory, kind: str
 ) -> None:
     """Issue 9, defect 10: `cancel()` of a work still waiting for a worker, after its
     loop was closed directly with `loop.close()`, raised RuntimeError('Event loop is
@@ -354,7 +335,6 @@ def test_cancel_after_a_bare_loop_close_raises_nothing(
 # -- executors ---------------------------------------------------------------------------
 
 
-@pytest.mark.anyio
 async def test_the_loops_default_executor_is_honoured() -> None:
     with concurrent.futures.ThreadPoolExecutor(thread_name_prefix="my-default") as pool:
         asyncio.get_running_loop().set_default_executor(pool)
@@ -362,7 +342,6 @@ async def test_the_loops_default_executor_is_honoured() -> None:
     assert name.startswith("my-default")
 
 
-@pytest.mark.anyio
 async def test_an_explicit_executor_is_used_instead_of_the_default() -> None:
     with (
         concurrent.futures.ThreadPoolExecutor(thread_name_prefix="my-default") as default,
@@ -378,7 +357,6 @@ def _execute_in_child(data: int) -> tuple[int, bool, int]:
     return os.getpid(), tsfn.cancelled(), data * 2
 
 
-@pytest.mark.anyio
 async def test_a_process_pool_runs_picklable_work_in_another_process() -> None:
     complete = RecordingComplete()
     # spawn: forking a multi-threaded test process is unsafe (and warns on 3.12+).
@@ -396,7 +374,6 @@ async def test_a_process_pool_runs_picklable_work_in_another_process() -> None:
 
 
 @executor_kinds
-@pytest.mark.anyio
 async def test_cancelling_the_awaiting_task_cancels_a_work_not_yet_started(kind: str) -> None:
     ran: list[object] = []
     complete = RecordingComplete()
@@ -421,7 +398,6 @@ async def test_cancelling_the_awaiting_task_cancels_a_work_not_yet_started(kind:
 
 
 @executor_kinds
-@pytest.mark.anyio
 async def test_a_started_work_sees_cancelled_once_its_awaiting_task_is_cancelled(
     kind: str,
 ) -> None:
@@ -461,7 +437,6 @@ async def _await(work: AsyncWork[Any, Any]) -> Any:
     return await work
 
 
-@pytest.mark.anyio
 async def test_cancelled_is_false_outside_workers() -> None:
     assert tsfn.cancelled() is False  # on the loop thread
 
@@ -475,7 +450,6 @@ async def test_cancelled_is_false_outside_workers() -> None:
     assert await loop.run_in_executor(None, tsfn.cancelled) is False
 
 
-@pytest.mark.anyio
 async def test_a_pool_thread_forgets_the_cancelled_flag_after_the_work() -> None:
     # A flag set for one work must not leak into the next job on the same thread.
     started = asyncio.Event()
@@ -498,33 +472,7 @@ async def test_a_pool_thread_forgets_the_cancelled_flag_after_the_work() -> None
         assert await AsyncWork(lambda _: tsfn.cancelled(), executor=pool) is False
 
 
-# -- errors in complete --------------------------------------------------------------
-
-
-@pytest.mark.anyio
-async def test_an_exception_in_complete_goes_to_the_loops_exception_handler() -> None:
-    loop = asyncio.get_running_loop()
-    contexts: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: contexts.append(context))
-    boom = RuntimeError("complete failed")
-
-    def complete(status: Status, data: object) -> None:
-        raise boom
-
-    try:
-        work = AsyncWork(lambda d: d, complete, data="result", name="failing-complete")
-        # The awaiter still gets execute's result: complete's failure is the loop's.
-        assert await work == "result"
-    finally:
-        loop.set_exception_handler(previous)
-    assert len(contexts) == 1
-    assert contexts[0]["exception"] is boom
-    assert "failing-complete" in contexts[0]["message"]
-
-
 @executor_kinds
-@pytest.mark.anyio
 async def test_cancel_racing_the_start_either_cancels_or_runs_never_both(
     kind: str, tiny_switch_interval: None
 ) -> None:
