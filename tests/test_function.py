@@ -1351,12 +1351,6 @@ async def test_an_interrupt_after_marking_a_call_in_flight_leaves_no_marker() ->
     assert delivered == [2, "finalized"]  # item 1 was interrupted before it was queued
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9, defect 3 sibling: release()/abort() change the state, then call "
-    "_wake(); an interrupt landing at _wake's entry (where CPython checks for pending "
-    "signals and async exceptions) loses the only wake-up that would finalize",
-)
 @pytest.mark.anyio
 @pytest.mark.parametrize("closer", ["release", "abort"])
 async def test_an_interrupt_as_release_or_abort_wakes_the_loop_does_not_wedge_closing(
@@ -1389,9 +1383,7 @@ async def test_an_interrupt_as_release_or_abort_wakes_the_loop_does_not_wedge_cl
     assert interrupted, "the hook never fired: rewrite this test"
     assert isinstance(producer.error, KeyboardInterrupt)
     assert fn.closing
-    # A bound for the hang only: finalizing takes one loop turn. Shorter than WAIT, as
-    # while the defect stands every run of this test waits it out, four times over.
-    await asyncio.wait_for(fn.wait_closed(), 2.0)
+    await asyncio.wait_for(fn.wait_closed(), WAIT)
     assert finalized == [True]
 
 
