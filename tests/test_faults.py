@@ -514,9 +514,8 @@ def test_an_interrupt_at_loop_shutdown_still_shuts_every_function_down(
     assert sorted(finalized) == sorted(names)  # each once, the raising ones included
     if where == "call_js":
         assert sorted(discarded) == [(name, i) for name in sorted(names) for i in (0, 1)]
-    # The old shutdown left the interpreter unable to parse on 3.11. What remains of
-    # that (see the next test) strikes when a leftover task is collected during a
-    # parse; collect it here, so it cannot strike in whichever test runs next.
+    # The old shutdown left the interpreter unable to parse on 3.11 (see the next
+    # test): that struck when a leftover task was collected during a parse.
     gc.collect()
     ast.parse("x = 1")
 
@@ -536,23 +535,18 @@ def factory_of(loop_kind: str) -> LoopFactory:
     return factory
 
 
-@xfail_on_asyncios_loop(
-    "issue 9, defect 7 residue: the interrupt stays in the task that ran Port.shutdown() "
-    "for shutdown_asyncgens; the stopped loop never retrieves it, and asyncio logs it "
-    "when the task is collected"
-)
 def test_an_interrupt_at_loop_shutdown_is_not_logged_again_when_collected(
-    loop_kind: str, caplog: pytest.LogCaptureFixture
+    loop_factory: LoopFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Issue 9, defect 7, what is left of it. asyncio.run's shutdown runs tsfn's shutdown
-    in a task (shutdown_asyncgens gathers the probe's `aclose()`). The interrupt a
-    finalizer raises propagates out of that task and out of asyncio.run, as it should,
-    but on asyncio's own loop the task keeps it and nobody retrieves it: when the task
-    is collected, asyncio logs "Task exception was never retrieved". On 3.11, when that
-    collection happens inside an `ast.parse` (pytest formatting a failure, say), the
-    log formats a traceback, which parses source again, and the outer `ast.parse`
-    raises `SystemError: AST constructor recursion depth mismatch`: the issue's
-    "corrupted interpreter". (uvloop's loop retrieves the exception.)"""
+    """Issue 9, defect 7, what was left of it. asyncio.run's shutdown runs tsfn's
+    shutdown in a task (shutdown_asyncgens gathers the probe's `aclose()`). The
+    interrupt a finalizer raises must propagate out of asyncio.run, but a task that
+    raises it keeps it, and asyncio's own loop, stopped by it, never retrieves it:
+    when the task was collected, asyncio logged "Task exception was never retrieved".
+    On 3.11, when that collection happened inside an `ast.parse` (pytest formatting a
+    failure, say), the log formatted a traceback, which parses source again, and the
+    outer `ast.parse` raised `SystemError: AST constructor recursion depth mismatch`:
+    the issue's "corrupted interpreter". (uvloop's loop retrieves the exception.)"""
 
     def finalizer(_: object) -> None:
         raise SystemExit("from the finalizer")
@@ -562,7 +556,7 @@ def test_an_interrupt_at_loop_shutdown_is_not_logged_again_when_collected(
 
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         with pytest.raises(SystemExit):
-            asyncio_run(main(), factory_of(loop_kind))
+            asyncio_run(main(), loop_factory)
         gc.collect()  # whatever still holds the interrupt goes now, and logs if it would
     assert "never retrieved" not in caplog.text
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import sys
 import threading
 import weakref
@@ -85,7 +86,21 @@ class AsyncioPort(Port):
             self.call_soon(self._shutdown_task)
 
     def _shutdown_task(self) -> None:
-        self.loop.create_task(self.shutdown())
+        self.loop.create_task(self._shutdown_in_task())
+
+    async def _shutdown_in_task(self) -> None:
+        """`shutdown()`, for a task: an interrupt it raises is raised from a callback.
+
+        A task keeps the KeyboardInterrupt or SystemExit it raised, and asyncio's loop,
+        stopped by it, never retrieves it: asyncio would log it when the task is
+        collected ("Task exception was never retrieved"), and on 3.11 that log, inside
+        a parse under way, breaks the parse (issue 9, defect 7). A callback's interrupt
+        leaves the loop just the same, and nothing keeps it.
+        """
+        try:
+            await self.shutdown()
+        except (KeyboardInterrupt, SystemExit) as exc:
+            self.call_soon(functools.partial(_raise, exc))
 
     @property
     def token(self) -> asyncio.AbstractEventLoop:
@@ -144,10 +159,14 @@ class _Probe:
         self._port = port
 
     def aclose(self) -> Coroutine[Any, Any, None]:
-        return self._port.shutdown()
+        return self._port._shutdown_in_task()
 
     def __repr__(self) -> str:
         raise _LateProbe
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
 
 
 def running_port(owner: str) -> AsyncioPort:
