@@ -11,6 +11,12 @@ If the loop already ran `shutdown_asyncgens()` (the port is made by a function c
 while the default executor is being shut down, after it), the hook formats a warning
 with the probe's `repr` before it warns; the probe's `__repr__` raises instead, which
 tells us, and no warning is issued (tsfn never touches the process-wide warning state).
+
+The probe goes to the loop's own hook (`_asyncgen_firstiter_hook`, asyncio's loops and
+uvloop's have it), not to the thread's: other code may wrap that one and look at
+every generator it sees (a tracer formats it, trio's guest mode marks its `ag_frame`),
+which a stand-in cannot survive, and whose `repr` would pass for the loop's warning.
+A loop without that method gets the thread's hook, which is the loop's while it runs.
 """
 
 from __future__ import annotations
@@ -74,9 +80,12 @@ class AsyncioPort(Port):
         return port
 
     def _arm(self) -> None:
-        # See the module docstring. The hooks are per thread; on the loop thread,
-        # while it runs, they are the loop's.
-        firstiter = sys.get_asyncgen_hooks().firstiter
+        # See the module docstring. The thread's hooks are the loop's while it runs on
+        # this thread, unless something wraps them.
+        firstiter = (
+            getattr(self.loop, "_asyncgen_firstiter_hook", None)
+            or sys.get_asyncgen_hooks().firstiter
+        )
         if self._probe is not None or firstiter is None or self.loop.is_closed():
             return
         self._probe = _Probe(self)
