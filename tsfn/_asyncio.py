@@ -207,28 +207,34 @@ def asyncio_run(
 ) -> R:
     """`asyncio.run(main, debug=..., loop_factory=...)` on every Python tsfn supports.
 
-    `asyncio.Runner` (3.11+) takes both arguments; on 3.10 the same steps are taken
-    here, and `debug=None` leaves the loop's debug mode as the environment set it
-    (`PYTHONASYNCIODEBUG`, `-X dev`), as `asyncio.run` does.
+    `asyncio.Runner` (3.11+) takes both arguments; on 3.10 its steps are taken here:
+    `debug=None` leaves the loop's debug mode as the environment set it
+    (`PYTHONASYNCIODEBUG`, `-X dev`), a loop from `loop_factory` is not made the
+    thread's current loop, and tasks that fail while cancelled at the end are reported
+    to the loop's exception handler.
     """
     if sys.version_info >= (3, 11):
         with asyncio.Runner(debug=debug, loop_factory=loop_factory) as runner:
             return runner.run(main)
+    from asyncio.runners import _cancel_all_tasks  # type: ignore[attr-defined]
+
     loop = (loop_factory or asyncio.new_event_loop)()  # pragma: no cover - 3.10 only
+    # Like asyncio.Runner: only a loop of its own making becomes the current one.
+    current = loop_factory is None
     try:  # pragma: no cover - 3.10 only
-        asyncio.set_event_loop(loop)
+        if current:
+            asyncio.set_event_loop(loop)
         if debug is not None:
             loop.set_debug(debug)
         return loop.run_until_complete(main)
     finally:  # pragma: no cover - 3.10 only
         try:
-            tasks = asyncio.all_tasks(loop)
-            for task in tasks:
-                task.cancel()
-            if tasks:  # gather() of nothing would make a future on another loop
-                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            # asyncio.run's own step on 3.10 (a release that gets security fixes only):
+            # cancel what is left, then report what failed instead of ending cancelled.
+            _cancel_all_tasks(loop)
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:
-            asyncio.set_event_loop(None)
+            if current:
+                asyncio.set_event_loop(None)
             loop.close()
