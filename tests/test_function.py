@@ -1108,22 +1108,33 @@ async def test_a_drain_delivers_at_most_1000_items_then_lets_other_callbacks_run
 # hook miss fails loudly instead of passing quietly.
 
 
-class _QueueWithAHook(deque[Any]):
-    """The function's queue. Once `producer` is set, the next time the loop finds the
-    queue empty, that producer appends right after the look, before the loop's next step."""
+class _ProducerHook:
+    """Once `producer` is set, the next time the loop thread passes the hook, `producer`
+    runs on another thread, to its end, before the loop's next step."""
 
     def __init__(self, loop_thread: int) -> None:
-        super().__init__()
         self.loop_thread = loop_thread
         self.producer: Callable[[], object] | None = None
         self.fired = False
 
-    def __bool__(self) -> bool:
-        empty = len(self) == 0
-        if empty and self.producer is not None and threading.get_ident() == self.loop_thread:
+    def passed(self) -> None:
+        if self.producer is not None and threading.get_ident() == self.loop_thread:
             producer, self.producer = self.producer, None
             start(producer).finish()
             self.fired = True
+
+
+class _QueueWithAHook(deque[Any]):
+    """The function's queue: the hook runs right after the loop finds it empty."""
+
+    def __init__(self, hook: _ProducerHook) -> None:
+        super().__init__()
+        self.hook = hook
+
+    def __bool__(self) -> bool:
+        empty = len(self) == 0
+        if empty:
+            self.hook.passed()
         return not empty  # the look taken before the producer's append
 
 
@@ -1139,21 +1150,63 @@ async def test_an_item_queued_as_the_drain_goes_idle_is_still_delivered(
 
     def callback(item: str) -> None:
         if item == "first":
-            hooked.producer = lambda: fn.call("late")
+            hook.producer = lambda: fn.call("late")
         else:
             late_delivered.set()
 
     fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(
         callback, max_queue_size=max_queue_size
     )
-    hooked = _QueueWithAHook(threading.get_ident())
+    hook = _ProducerHook(threading.get_ident())
+    hooked = _QueueWithAHook(hook)
     fn._queue = hooked
     fn._life._occupied = hooked.__len__
     fn.call("first")
     await asyncio.wait_for(late_delivered.wait(), WAIT)
-    assert hooked.fired
+    assert hook.fired
     fn.release()
     await fn.wait_closed()
+
+
+class _TokenWithAPutBackHook(list[None]):
+    """The function's wake token: the hook runs right after the loop puts it back."""
+
+    def __init__(self, hook: _ProducerHook) -> None:
+        super().__init__([None])
+        self.hook = hook
+
+    def append(self, item: None) -> None:
+        super().append(item)
+        self.hook.passed()
+
+
+@pytest.mark.anyio
+async def test_a_producer_taking_the_token_the_drain_just_put_back_schedules_the_drain() -> None:
+    """Commit 1eb987c: the drain found the queue empty and put the wake token back; a
+    lock-free producer appended and took the token before the drain looked at the queue
+    again. The drain then sees the item but no token: the producer schedules the next
+    drain, so this one must not take the token again (an IndexError from the drain, once
+    on 3.10 in CI). The late item is delivered, and nothing reaches the loop's handler."""
+    late_delivered = asyncio.Event()
+
+    def callback(item: str) -> None:
+        if item == "first":
+            hook.producer = lambda: fn.call("late")  # it finds the token, and takes it
+        else:
+            late_delivered.set()
+
+    fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(callback)
+    if not fn._lock_free:
+        pytest.skip("no GIL: producers take the token under the lock")
+    hook = _ProducerHook(threading.get_ident())
+    fn._wake_token = _TokenWithAPutBackHook(hook)
+    with loop_errors(asyncio.get_running_loop()) as errors:
+        fn.call("first")
+        await asyncio.wait_for(late_delivered.wait(), WAIT)
+        assert hook.fired, "the hook never ran: rewrite this test"
+        fn.release()
+        await fn.wait_closed()
+    assert errors == []
 
 
 class _InflightWithAHook(set[object]):
