@@ -520,21 +520,6 @@ def test_an_interrupt_at_loop_shutdown_still_shuts_every_function_down(
     ast.parse("x = 1")
 
 
-def xfail_on_asyncios_loop(reason: str) -> pytest.MarkDecorator:
-    """Parametrise over `loop_kind`: a known defect shows on asyncio's own loop only."""
-    return pytest.mark.parametrize(
-        "loop_kind",
-        [pytest.param("asyncio", marks=pytest.mark.xfail(strict=True, reason=reason)), "uvloop"],
-    )
-
-
-def factory_of(loop_kind: str) -> LoopFactory:
-    if loop_kind == "asyncio":
-        return asyncio.new_event_loop
-    factory: LoopFactory = pytest.importorskip("uvloop").new_event_loop
-    return factory
-
-
 def test_an_interrupt_at_loop_shutdown_is_not_logged_again_when_collected(
     loop_factory: LoopFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -561,22 +546,16 @@ def test_an_interrupt_at_loop_shutdown_is_not_logged_again_when_collected(
     assert "never retrieved" not in caplog.text
 
 
-_LATE_INTERRUPT = (
-    "issue 9, defect 7 sibling: an interrupt raised at shutdown from a loop callback "
-    "(an AsyncWork's complete, or a later round of call_js discards) rather than inside "
-    "Port.shutdown() stops the loop while Port.shutdown() still waits for other members"
-)
-
-
-@xfail_on_asyncios_loop(_LATE_INTERRUPT)
 def test_call_js_raising_for_every_discard_at_shutdown_still_discards_and_finalizes_all(
-    loop_kind: str,
+    loop_factory: LoopFactory,
 ) -> None:
     """Sibling of issue 9, defect 7: call_js raising SystemExit for *each* discarded
-    item. The first raise propagates through Port.shutdown(), which goes on with the
-    other functions; the function's remaining discards are rescheduled as a loop
-    callback, and that callback's raise escapes the loop while Port.shutdown() waits:
-    the raising functions keep items never discarded and are never finalized."""
+    item. The first raise used to propagate through Port.shutdown(), which went on
+    with the other functions; the function's remaining discards were rescheduled as a
+    loop callback, and that callback's raise escaped the loop while Port.shutdown()
+    waited: the raising functions kept items never discarded and were never
+    finalized. Every item must be discarded and every function finalized, then the
+    interrupt raised."""
     names = ("raises-1", "quiet", "raises-2")
     finalized: list[str] = []
     discarded: list[tuple[str, int]] = []
@@ -599,20 +578,19 @@ def test_call_js_raising_for_every_discard_at_shutdown_still_discards_and_finali
                 fn.call(item)
 
     with pytest.raises(SystemExit):
-        tsfn.run(main(), loop_factory=factory_of(loop_kind))
+        tsfn.run(main(), loop_factory=loop_factory)
     gc.collect()  # the stranded tasks complain now, not in a later test
     assert sorted(discarded) == [(name, i) for name in sorted(names) for i in range(3)]
     assert sorted(finalized) == sorted(names)
 
 
-@pytest.mark.xfail(strict=True, reason=_LATE_INTERRUPT)
 def test_complete_raising_at_shutdown_lets_the_other_members_finish_first(
     loop_factory: LoopFactory,
 ) -> None:
     """Sibling of issue 9, defect 7: an AsyncWork cancelled by the shutdown runs
-    `complete` from a loop callback; `complete` raising SystemExit there stops the loop
-    while a function's cancelled async callback still runs its cleanup, so that
-    function is never finalized ("Task was destroyed but it is pending!")."""
+    `complete` from a loop callback; `complete` raising SystemExit there stopped the
+    loop while a function's cancelled async callback still ran its cleanup, so that
+    function was never finalized ("Task was destroyed but it is pending!")."""
     order: list[str] = []
     gate = threading.Event()  # parks the default executor's only worker
     pool = concurrent.futures.ThreadPoolExecutor(1)
