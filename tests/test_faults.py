@@ -282,45 +282,24 @@ def test_an_interrupt_at_loop_shutdown_still_shuts_every_function_down(
     assert sorted(finalized) == sorted(names)  # each once, the raising ones included
     if where == "call_js":
         assert sorted(discarded) == [(name, i) for name in sorted(names) for i in (0, 1)]
-    # The old shutdown left the interpreter unable to parse on 3.11. What remains of
-    # that (see the next test) strikes when a leftover task is collected during a
-    # parse; collect it here, so it cannot strike in whichever test runs next.
+    # The old shutdown left the interpreter unable to parse on 3.11 (see the next
+    # test): that struck when a leftover task was collected during a parse.
     gc.collect()
     ast.parse("x = 1")
 
 
-def xfail_on_asyncios_loop(reason: str) -> pytest.MarkDecorator:
-    """Parametrise over `loop_kind`: a known defect shows on asyncio's own loop only."""
-    return pytest.mark.parametrize(
-        "loop_kind",
-        [pytest.param("asyncio", marks=pytest.mark.xfail(strict=True, reason=reason)), "uvloop"],
-    )
-
-
-def factory_of(loop_kind: str) -> LoopFactory:
-    if loop_kind == "asyncio":
-        return asyncio.new_event_loop
-    factory: LoopFactory = pytest.importorskip("uvloop").new_event_loop
-    return factory
-
-
-@xfail_on_asyncios_loop(
-    "issue 9, defect 7 residue: the interrupt stays in the task that ran Port.shutdown() "
-    "for shutdown_asyncgens; the stopped loop never retrieves it, and asyncio logs it "
-    "when the task is collected"
-)
 def test_an_interrupt_at_loop_shutdown_is_not_logged_again_when_collected(
-    loop_kind: str, caplog: pytest.LogCaptureFixture
+    loop_factory: LoopFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Issue 9, defect 7, what is left of it. asyncio.run's shutdown runs tsfn's shutdown
-    in a task (shutdown_asyncgens gathers the probe's `aclose()`). The interrupt a
-    finalizer raises propagates out of that task and out of asyncio.run, as it should,
-    but on asyncio's own loop the task keeps it and nobody retrieves it: when the task
-    is collected, asyncio logs "Task exception was never retrieved". On 3.11, when that
-    collection happens inside an `ast.parse` (pytest formatting a failure, say), the
-    log formats a traceback, which parses source again, and the outer `ast.parse`
-    raises `SystemError: AST constructor recursion depth mismatch`: the issue's
-    "corrupted interpreter". (uvloop's loop retrieves the exception.)"""
+    """Issue 9, defect 7, what was left of it. asyncio.run's shutdown runs tsfn's
+    shutdown in a task (shutdown_asyncgens gathers the probe's `aclose()`). The
+    interrupt a finalizer raises must propagate out of asyncio.run, but a task that
+    raises it keeps it, and asyncio's own loop, stopped by it, never retrieves it:
+    when the task was collected, asyncio logged "Task exception was never retrieved".
+    On 3.11, when that collection happened inside an `ast.parse` (pytest formatting a
+    failure, say), the log formatted a traceback, which parses source again, and the
+    outer `ast.parse` raised `SystemError: AST constructor recursion depth mismatch`:
+    the issue's "corrupted interpreter". (uvloop's loop retrieves the exception.)"""
 
     def finalizer(_: object) -> None:
         raise SystemExit("from the finalizer")
@@ -330,27 +309,21 @@ def test_an_interrupt_at_loop_shutdown_is_not_logged_again_when_collected(
 
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         with pytest.raises(SystemExit):
-            asyncio_run(main(), factory_of(loop_kind))
+            asyncio_run(main(), loop_factory)
         gc.collect()  # whatever still holds the interrupt goes now, and logs if it would
     assert "never retrieved" not in caplog.text
 
 
-_LATE_INTERRUPT = (
-    "issue 9, defect 7 sibling: an interrupt raised at shutdown from a loop callback "
-    "(an AsyncWork's complete, or a later round of call_js discards) rather than inside "
-    "Port.shutdown() stops the loop while Port.shutdown() still waits for other members"
-)
-
-
-@xfail_on_asyncios_loop(_LATE_INTERRUPT)
 def test_call_js_raising_for_every_discard_at_shutdown_still_discards_and_finalizes_all(
-    loop_kind: str,
+    loop_factory: LoopFactory,
 ) -> None:
     """Sibling of issue 9, defect 7: call_js raising SystemExit for *each* discarded
-    item. The first raise propagates through Port.shutdown(), which goes on with the
-    other functions; the function's remaining discards are rescheduled as a loop
-    callback, and that callback's raise escapes the loop while Port.shutdown() waits:
-    the raising functions keep items never discarded and are never finalized."""
+    item. The first raise used to propagate through Port.shutdown(), which went on
+    with the other functions; the function's remaining discards were rescheduled as a
+    loop callback, and that callback's raise escaped the loop while Port.shutdown()
+    waited: the raising functions kept items never discarded and were never
+    finalized. Every item must be discarded and every function finalized, then the
+    interrupt raised."""
     names = ("raises-1", "quiet", "raises-2")
     finalized: list[str] = []
     discarded: list[tuple[str, int]] = []
@@ -373,20 +346,19 @@ def test_call_js_raising_for_every_discard_at_shutdown_still_discards_and_finali
                 fn.call(item)
 
     with pytest.raises(SystemExit):
-        tsfn.run(main(), loop_factory=factory_of(loop_kind))
+        tsfn.run(main(), loop_factory=loop_factory)
     gc.collect()  # the stranded tasks complain now, not in a later test
     assert sorted(discarded) == [(name, i) for name in sorted(names) for i in range(3)]
     assert sorted(finalized) == sorted(names)
 
 
-@pytest.mark.xfail(strict=True, reason=_LATE_INTERRUPT)
 def test_complete_raising_at_shutdown_lets_the_other_members_finish_first(
     loop_factory: LoopFactory,
 ) -> None:
     """Sibling of issue 9, defect 7: an AsyncWork cancelled by the shutdown runs
-    `complete` from a loop callback; `complete` raising SystemExit there stops the loop
-    while a function's cancelled async callback still runs its cleanup, so that
-    function is never finalized ("Task was destroyed but it is pending!")."""
+    `complete` from a loop callback; `complete` raising SystemExit there stopped the
+    loop while a function's cancelled async callback still ran its cleanup, so that
+    function was never finalized ("Task was destroyed but it is pending!")."""
     order: list[str] = []
     gate = threading.Event()  # parks the default executor's only worker
     pool = concurrent.futures.ThreadPoolExecutor(1)

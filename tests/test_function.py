@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, SupportsIndex
 
 import pytest
-from _helpers import WAIT, Worker, blocked_callers, start, wait_until
+from _helpers import WAIT, Worker, blocked_callers, loop_errors, start, wait_until
 from _loops import LoopFactory, asyncio_run
 
 import tsfn
@@ -963,22 +963,33 @@ async def test_a_drain_delivers_at_most_1000_items_then_lets_other_callbacks_run
 # hook miss fails loudly instead of passing quietly.
 
 
-class _QueueWithAHook(deque[Any]):
-    """The function's queue. Once `producer` is set, the next time the loop finds the
-    queue empty, that producer appends right after the look, before the loop's next step."""
+class _ProducerHook:
+    """Once `producer` is set, the next time the loop thread passes the hook, `producer`
+    runs on another thread, to its end, before the loop's next step."""
 
     def __init__(self, loop_thread: int) -> None:
-        super().__init__()
         self.loop_thread = loop_thread
         self.producer: Callable[[], object] | None = None
         self.fired = False
 
-    def __bool__(self) -> bool:
-        empty = len(self) == 0
-        if empty and self.producer is not None and threading.get_ident() == self.loop_thread:
+    def passed(self) -> None:
+        if self.producer is not None and threading.get_ident() == self.loop_thread:
             producer, self.producer = self.producer, None
             start(producer).finish()
             self.fired = True
+
+
+class _QueueWithAHook(deque[Any]):
+    """The function's queue: the hook runs right after the loop finds it empty."""
+
+    def __init__(self, hook: _ProducerHook) -> None:
+        super().__init__()
+        self.hook = hook
+
+    def __bool__(self) -> bool:
+        empty = len(self) == 0
+        if empty:
+            self.hook.passed()
         return not empty  # the look taken before the producer's append
 
 
@@ -993,21 +1004,62 @@ async def test_an_item_queued_as_the_drain_goes_idle_is_still_delivered(
 
     def callback(item: str) -> None:
         if item == "first":
-            hooked.producer = lambda: fn.call("late")
+            hook.producer = lambda: fn.call("late")
         else:
             late_delivered.set()
 
     fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(
         callback, max_queue_size=max_queue_size
     )
-    hooked = _QueueWithAHook(threading.get_ident())
+    hook = _ProducerHook(threading.get_ident())
+    hooked = _QueueWithAHook(hook)
     fn._queue = hooked
     fn._life._occupied = hooked.__len__
     fn.call("first")
     await asyncio.wait_for(late_delivered.wait(), WAIT)
-    assert hooked.fired
+    assert hook.fired
     fn.release()
     await fn.wait_closed()
+
+
+class _TokenWithAPutBackHook(list[None]):
+    """The function's wake token: the hook runs right after the loop puts it back."""
+
+    def __init__(self, hook: _ProducerHook) -> None:
+        super().__init__([None])
+        self.hook = hook
+
+    def append(self, item: None) -> None:
+        super().append(item)
+        self.hook.passed()
+
+
+async def test_a_producer_taking_the_token_the_drain_just_put_back_schedules_the_drain() -> None:
+    """Commit 1eb987c: the drain found the queue empty and put the wake token back; a
+    lock-free producer appended and took the token before the drain looked at the queue
+    again. The drain then sees the item but no token: the producer schedules the next
+    drain, so this one must not take the token again (an IndexError from the drain, once
+    on 3.10 in CI). The late item is delivered, and nothing reaches the loop's handler."""
+    late_delivered = asyncio.Event()
+
+    def callback(item: str) -> None:
+        if item == "first":
+            hook.producer = lambda: fn.call("late")  # it finds the token, and takes it
+        else:
+            late_delivered.set()
+
+    fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(callback)
+    if not fn._lock_free:
+        pytest.skip("no GIL: producers take the token under the lock")
+    hook = _ProducerHook(threading.get_ident())
+    fn._wake_token = _TokenWithAPutBackHook(hook)
+    with loop_errors(asyncio.get_running_loop()) as errors:
+        fn.call("first")
+        await asyncio.wait_for(late_delivered.wait(), WAIT)
+        assert hook.fired, "the hook never ran: rewrite this test"
+        fn.release()
+        await fn.wait_closed()
+    assert errors == []
 
 
 class _InflightWithAHook(set[object]):
@@ -1202,12 +1254,6 @@ async def test_an_interrupt_after_marking_a_call_in_flight_leaves_no_marker() ->
     assert delivered == [2, "finalized"]  # item 1 was interrupted before it was queued
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9, defect 3 sibling: release()/abort() change the state, then call "
-    "_wake(); an interrupt landing at _wake's entry (where CPython checks for pending "
-    "signals and async exceptions) loses the only wake-up that would finalize",
-)
 @pytest.mark.parametrize("closer", ["release", "abort"])
 async def test_an_interrupt_as_release_or_abort_wakes_the_loop_does_not_wedge_closing(
     closer: str,
@@ -1239,7 +1285,5 @@ async def test_an_interrupt_as_release_or_abort_wakes_the_loop_does_not_wedge_cl
     assert interrupted, "the hook never fired: rewrite this test"
     assert isinstance(producer.error, KeyboardInterrupt)
     assert fn.closing
-    # A bound for the hang only: finalizing takes one loop turn. Shorter than WAIT, as
-    # while the defect stands every run of this test waits it out, four times over.
-    await asyncio.wait_for(fn.wait_closed(), 2.0)
+    await asyncio.wait_for(fn.wait_closed(), WAIT)
     assert finalized == [True]

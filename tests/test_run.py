@@ -387,17 +387,9 @@ def test_main_raising_cancels_a_work_that_has_not_started(loop_factory: LoopFact
 #
 # On 3.10, which has no asyncio.Runner (and whose asyncio.run takes no loop factory),
 # tsfn takes asyncio.run's steps itself (tsfn/_asyncio.py: asyncio_run). Defect 11 of
-# issue 9 was one step done differently there; the two below are steps left out.
-
-_RUNNER_310 = (
-    "issue 9, defect 11 sibling: on 3.10 tsfn._asyncio.asyncio_run takes asyncio.run's "
-    "steps by hand and leaves two out: it does not report tasks that failed while being "
-    "cancelled at the end, and it sets and clears the thread's current event loop even "
-    "for a loop from loop_factory, which 3.11+ leaves alone"
-)
+# issue 9 was one step done differently there; the two below were steps left out.
 
 
-@pytest.mark.xfail(sys.version_info < (3, 11), strict=True, reason=_RUNNER_310)
 def test_run_reports_a_task_that_fails_while_it_is_cancelled_at_the_end(
     loop_factory: LoopFactory,
 ) -> None:
@@ -426,7 +418,6 @@ def test_run_reports_a_task_that_fails_while_it_is_cancelled_at_the_end(
     assert reports == ["unhandled exception during asyncio.run() shutdown"]
 
 
-@pytest.mark.xfail(sys.version_info < (3, 11), strict=True, reason=_RUNNER_310)
 def test_run_with_a_loop_factory_leaves_the_threads_current_loop_alone(
     loop_factory: LoopFactory,
 ) -> None:

@@ -11,6 +11,12 @@ If the loop already ran `shutdown_asyncgens()` (the port is made by a function c
 while the default executor is being shut down, after it), the hook formats a warning
 with the probe's `repr` before it warns; the probe's `__repr__` raises instead, which
 tells us, and no warning is issued (tsfn never touches the process-wide warning state).
+
+The probe goes to the loop's own hook (`_asyncgen_firstiter_hook`, asyncio's loops and
+uvloop's have it), not to the thread's: other code may wrap that one and look at
+every generator it sees (a tracer formats it, trio's guest mode marks its `ag_frame`),
+which a stand-in cannot survive, and whose `repr` would pass for the loop's warning.
+A loop without that method gets the thread's hook, which is the loop's while it runs.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import sys
 import threading
 import weakref
@@ -73,9 +80,12 @@ class AsyncioPort(Port):
         return port
 
     def _arm(self) -> None:
-        # See the module docstring. The hooks are per thread; on the loop thread,
-        # while it runs, they are the loop's.
-        firstiter = sys.get_asyncgen_hooks().firstiter
+        # See the module docstring. The thread's hooks are the loop's while it runs on
+        # this thread, unless something wraps them.
+        firstiter = (
+            getattr(self.loop, "_asyncgen_firstiter_hook", None)
+            or sys.get_asyncgen_hooks().firstiter
+        )
         if self._probe is not None or firstiter is None or self.loop.is_closed():
             return
         self._probe = _Probe(self)
@@ -85,7 +95,21 @@ class AsyncioPort(Port):
             self.call_soon(self._shutdown_task)
 
     def _shutdown_task(self) -> None:
-        self.loop.create_task(self.shutdown())
+        self.loop.create_task(self._shutdown_in_task())
+
+    async def _shutdown_in_task(self) -> None:
+        """`shutdown()`, for a task: an interrupt it raises is raised from a callback.
+
+        A task keeps the KeyboardInterrupt or SystemExit it raised, and asyncio's loop,
+        stopped by it, never retrieves it: asyncio would log it when the task is
+        collected ("Task exception was never retrieved"), and on 3.11 that log, inside
+        a parse under way, breaks the parse (issue 9, defect 7). A callback's interrupt
+        leaves the loop just the same, and nothing keeps it.
+        """
+        try:
+            await self.shutdown()
+        except (KeyboardInterrupt, SystemExit) as exc:
+            self.call_soon(functools.partial(_raise, exc))
 
     @property
     def token(self) -> asyncio.AbstractEventLoop:
@@ -150,10 +174,14 @@ class _Probe:
         self._port = port
 
     def aclose(self) -> Coroutine[Any, Any, None]:
-        return self._port.shutdown()
+        return self._port._shutdown_in_task()
 
     def __repr__(self) -> str:
         raise _LateProbe
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
 
 
 def asyncio_run(
@@ -164,28 +192,34 @@ def asyncio_run(
 ) -> R:
     """`asyncio.run(main, debug=..., loop_factory=...)` on every Python tsfn supports.
 
-    `asyncio.Runner` (3.11+) takes both arguments; on 3.10 the same steps are taken
-    here, and `debug=None` leaves the loop's debug mode as the environment set it
-    (`PYTHONASYNCIODEBUG`, `-X dev`), as `asyncio.run` does.
+    `asyncio.Runner` (3.11+) takes both arguments; on 3.10 its steps are taken here:
+    `debug=None` leaves the loop's debug mode as the environment set it
+    (`PYTHONASYNCIODEBUG`, `-X dev`), a loop from `loop_factory` is not made the
+    thread's current loop, and tasks that fail while cancelled at the end are reported
+    to the loop's exception handler.
     """
     if sys.version_info >= (3, 11):
         with asyncio.Runner(debug=debug, loop_factory=loop_factory) as runner:
             return runner.run(main)
+    from asyncio.runners import _cancel_all_tasks  # type: ignore[attr-defined]
+
     loop = (loop_factory or asyncio.new_event_loop)()  # pragma: no cover - 3.10 only
+    # Like asyncio.Runner: only a loop of its own making becomes the current one.
+    current = loop_factory is None
     try:  # pragma: no cover - 3.10 only
-        asyncio.set_event_loop(loop)
+        if current:
+            asyncio.set_event_loop(loop)
         if debug is not None:
             loop.set_debug(debug)
         return loop.run_until_complete(main)
     finally:  # pragma: no cover - 3.10 only
         try:
-            tasks = asyncio.all_tasks(loop)
-            for task in tasks:
-                task.cancel()
-            if tasks:  # gather() of nothing would make a future on another loop
-                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            # asyncio.run's own step on 3.10 (a release that gets security fixes only):
+            # cancel what is left, then report what failed instead of ending cancelled.
+            _cancel_all_tasks(loop)
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:
-            asyncio.set_event_loop(None)
+            if current:
+                asyncio.set_event_loop(None)
             loop.close()

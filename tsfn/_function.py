@@ -326,8 +326,9 @@ class ThreadsafeFunction(Handle[T, R]):
             result = self._call_js(None, None, self._context, item)
         except BaseException as exc:
             if let_through(exc):
-                raise
-            self._report("Exception in call_js discarding an item", exc)
+                self._port.interrupted(exc)
+            else:
+                self._report("Exception in call_js discarding an item", exc)
         else:
             if result is not None:
                 self._results.returned(self, result, None)  # an async call_js runs to its end
@@ -344,7 +345,7 @@ class ThreadsafeFunction(Handle[T, R]):
             try:
                 while queue:  # no producer appends any more: aborted, none in flight
                     self._discard(queue.popleft())
-            except BaseException:  # KeyboardInterrupt in call_js: the rest next run
+            except BaseException:  # call_js's interrupt (Port.interrupted): the rest next run
                 self._port.call_soon(self._drain)
                 raise
         elif self._queue:
@@ -370,8 +371,9 @@ class ThreadsafeFunction(Handle[T, R]):
                 self._finalizer(self._context)
         except BaseException as exc:
             if let_through(exc):
-                raise
-            self._report("Exception in the finalizer", exc)
+                self._port.interrupted(exc)
+            else:
+                self._report("Exception in the finalizer", exc)
         finally:
             self._mark_closed()
 

@@ -170,8 +170,8 @@ class Handle(Generic[T, R]):
         `Closing` if the count is already zero (released more than acquired).
         Allowed after `abort` while producers remain, as in Node-API.
         """
-        if self._life.release(self) and not self._wake():  # deliver what is queued, then finalize
-            self._life.lose_loop()
+        # Deliver what is queued, then finalize.
+        self._close_and_wake(lambda: self._life.release(self))
 
     def abort(self) -> None:
         """Close now. Idempotent.
@@ -181,8 +181,21 @@ class Handle(Generic[T, R]):
         data)`` (when `call_js` was given), so what they hold can be released; then
         the finalizer runs, on the loop thread.
         """
-        if self._life.abort() and not self._wake():
-            self._life.lose_loop()
+        self._close_and_wake(self._life.abort)
+
+    def _close_and_wake(self, close: Callable[[], bool]) -> None:
+        # `close()` moves the state (True if it began closing), then the wake-up tells the
+        # loop, which finalizes. Calls are refused from now on, so no other wake-up will
+        # come: an interrupt in between (CPython raises a pending signal or asynchronous
+        # exception as a function starts, `_wake` included) must not lose this one. So
+        # wake once more (an extra drain is harmless), then let the interrupt through.
+        try:
+            if close() and not self._wake():
+                self._life.lose_loop()  # a bare loop.close(): nothing will finalize
+        except BaseException:
+            if self._life.state is not State.OPEN:
+                self._wake()
+            raise
 
     # -- loop thread: liveness ---------------------------------------------------------
 

@@ -111,6 +111,10 @@ class Port(abc.ABC):
         self._referenced = 0
         self._shut_down = False
         self._idle: Event | None = None  # created on the loop thread by wait_idle
+        # Loop thread only: while shutdown() shuts the members down, the first interrupt
+        # their code raised (see interrupted()).
+        self._shutting_down = False
+        self._interrupt: BaseException | None = None
 
     # -- primitives, one implementation per loop family --------------------------------
 
@@ -217,26 +221,43 @@ class Port(abc.ABC):
         """Shut every member down, wait until each has finished, then return.
 
         Loop thread, loop running. A member raising KeyboardInterrupt or SystemExit
-        does not stop the others from shutting down; the first such exception is
-        raised once all have finished.
+        (from `_shutdown`, or from its code run by the loop meanwhile: see
+        `interrupted`) does not stop the others from shutting down; the first such
+        exception is raised once all have finished.
         """
         with self._lock:
             self._shut_down = True
             members = list(self._members)
-        interrupt: BaseException | None = None
-        for member in members:
-            try:
-                member._shutdown()
-            except BaseException as exc:
-                interrupt = interrupt or exc
-        for member in members:
-            try:
-                await member._finished()
-            except BaseException as exc:
-                interrupt = interrupt or exc
+        self._shutting_down = True
+        try:
+            for member in members:
+                try:
+                    member._shutdown()
+                except BaseException as exc:
+                    self.interrupted(exc)
+            for member in members:
+                try:
+                    await member._finished()
+                except BaseException as exc:
+                    self.interrupted(exc)
+        finally:
+            self._shutting_down = False
         self._wake_idle()
+        interrupt, self._interrupt = self._interrupt, None
         if interrupt is not None:
             raise interrupt
+
+    def interrupted(self, exc: BaseException) -> None:
+        """A member's code on the loop thread raised `exc` (KeyboardInterrupt, SystemExit).
+
+        Raises it, to stop the loop as any callback's interrupt does; but while
+        `shutdown` shuts the members down, stopping the loop would leave some of them
+        unfinished (their discards, finalizers, `complete`), so `shutdown` keeps the
+        first one and raises it at the end instead.
+        """
+        if not self._shutting_down:
+            raise exc
+        self._interrupt = self._interrupt or exc
 
     async def wait_idle(self) -> None:
         """Return once nothing referenced is left (Node's loop would then exit)."""

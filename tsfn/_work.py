@@ -223,8 +223,11 @@ class AsyncWork(Generic[D, R]):
                 self._complete(status, self._data)
         except BaseException as error:
             if let_through(error):
-                raise
-            self._port.report(f"Exception in the complete callback of {self!r}", error, work=self)
+                self._port.interrupted(error)
+            else:
+                self._port.report(
+                    f"Exception in the complete callback of {self!r}", error, work=self
+                )
         finally:
             self._membership.leave()
             self._done.set()
