@@ -1062,7 +1062,7 @@ async def test_a_producer_taking_the_token_the_drain_just_put_back_schedules_the
     assert errors == []
 
 
-class _InflightWithAHook(set[object]):
+class _InflightWithAHook(list[None]):
     """The function's in-flight markers; tells when the loop first looks at them."""
 
     def __init__(self, loop_thread: int, looked: threading.Event) -> None:
@@ -1217,15 +1217,15 @@ async def test_an_interrupt_after_taking_the_wake_token_does_not_wedge_the_funct
     assert delivered == [1, 2, "finalized"]
 
 
-class _MarkedThenInterrupted(set[object]):
+class _MarkedThenInterrupted(list[None]):
     """The function's in-flight markers: `producer`'s first mark is added, then raises."""
 
     def __init__(self, producer: str) -> None:
         super().__init__()
         self.producer: str | None = producer  # the thread's name
 
-    def add(self, marker: object) -> None:
-        super().add(marker)
+    def append(self, marker: None) -> None:
+        super().append(marker)
         if threading.current_thread().name == self.producer:
             self.producer = None
             raise KeyboardInterrupt

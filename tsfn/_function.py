@@ -24,7 +24,7 @@ lock; the drain puts the token back and looks at the queue again under it too. A
 unbounded queue with the GIL takes no lock: the hot path, since a lock every producer
 takes convoys under the GIL (3x slower with 4 producers; see benchmarks/). It relies
 on single operations being atomic (`deque.append` / `popleft`, `list.append` / `pop`
-for the wake token, `set.add` / `discard` for in-flight markers, one attribute read)
+for the wake token and the in-flight markers, one attribute read)
 and on two hand-offs:
 
 - The wake token is a list holding one `None` while no drain is pending. Producers
@@ -47,7 +47,11 @@ unbounded queue takes the locked path too.
 
 Interrupts (KeyboardInterrupt, any asynchronous exception) can land between any two
 operations; markers and token are taken inside `try` blocks that undo or complete
-them. No lock is ever held while user code (callback, call_js, finalizer) runs.
+them. An in-flight marker is the first call inside its `try`: CPython raises a pending
+interrupt only once a call has returned (or at a backward jump or a function's
+start), never between entering a `try` and the end of its first call, so the marker
+is either not taken or taken and removed. No lock is ever held while user code
+(callback, call_js, finalizer) runs.
 """
 
 from __future__ import annotations
@@ -134,7 +138,7 @@ class ThreadsafeFunction(Handle[T, R]):
         queue: deque[T] = deque()  # producers append, only the loop pops
         self._queue = queue
         self._wake_token: list[None] = [None]  # holds None while no drain is pending
-        self._inflight: set[object] = set()  # unbounded calls between check and append
+        self._inflight: list[None] = []  # unbounded calls between check and append
         self._life = Lifecycle(
             threads=initial_thread_count,
             max_size=max_queue_size,
@@ -179,15 +183,14 @@ class ThreadsafeFunction(Handle[T, R]):
         else:
             if life.state is not _OPEN:  # refused without marking: see _wait_for_inflight
                 raise life.closing_error(self)
-            marker = object()
             inflight = self._inflight
             try:
-                inflight.add(marker)
+                inflight.append(None)  # first inside the try: see "Interrupts" above
                 if life.state is not _OPEN or self._loop_closed():
                     raise life.closing_error(self)
                 self._queue.append(data)
             finally:
-                inflight.discard(marker)
+                inflight.pop()
             if not self._wake_token or self._wake():
                 return
             life.lose_loop()
@@ -257,6 +260,8 @@ class ThreadsafeFunction(Handle[T, R]):
         take = queue.popleft
         invoke = self._invoke
         low = self._low_water
+        # Locals, not globals, in the loop below (a global lookup per item shows).
+        submission, aborted = Submission, _ABORTED
         try:
             # The plain-item path is inlined: a method call per item would double
             # the drain's cost (see benchmarks/).
@@ -265,7 +270,7 @@ class ThreadsafeFunction(Handle[T, R]):
                 if life.waiters and len(queue) <= low:
                     low = -1  # once a batch; _settle covers the rest
                     life.room_made()
-                if item.__class__ is Submission:
+                if item.__class__ is submission:
                     if not self._results.deliver(self, item):
                         self._discard(item.data)
                 else:
@@ -278,7 +283,7 @@ class ThreadsafeFunction(Handle[T, R]):
                     else:
                         if result is not None:
                             self._results.returned(self, result, None)
-                if life.state is _ABORTED:
+                if life.state is aborted:
                     break
         finally:
             self._settle()
