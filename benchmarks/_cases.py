@@ -1,13 +1,12 @@
 """What one benchmark run does, on one event loop, for one bridge.
 
-Every run follows the same script: the bridge is set up on a fresh loop (asyncio's,
-uvloop's, or a `trio.run`; the script itself is written with anyio, so it is the same
-on all of them); producer
+Every run follows the same script: the bridge is set up on a fresh loop; producer
 threads are started and wait on a `threading.Barrier` together with the loop thread;
 the clock starts when the barrier opens and stops inside the callback that receives
 the last item. Then the producers are joined, the bridge is closed, and the sink
 checks that exactly the items sent arrived (a wrong sum fails the run, and so does a
-run that does not finish within its timeout).
+run that does not finish within its timeout). The script is written with anyio, so
+it is the same on asyncio's loop, uvloop and a `trio.run`.
 """
 
 from __future__ import annotations

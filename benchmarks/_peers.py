@@ -186,7 +186,8 @@ class ChannelBridge(Bridge):
     at most `maxsize` items between them. That is the fastest honest hand-written
     bound: a channel of `maxsize` cannot be fed with `send_nowait` from a callback (it
     would raise `WouldBlock` when full), and `trio.from_thread.run(send.send, item)`
-    is a blocking round trip to the run per item, as slow as anyio's bounded row.
+    into a channel of `maxsize` is a blocking round trip to the run per item: 8-19 k
+    items/s here against 26-48 k for the semaphore (1-16 producers, one try).
     """
 
     name = "memory_channel"
@@ -197,15 +198,19 @@ class ChannelBridge(Bridge):
 
         self.schedule = trio.lowlevel.current_trio_token().run_sync_soon
         self.tx, self.rx = trio.open_memory_channel[Any](math.inf)
+        receive = self.rx.receive
+        if not self.maxsize:
+            self._consume(receive)
+            return
         self.room = threading.Semaphore(self.maxsize)
-        receive, release = self.rx.receive, self.room.release
+        release = self.room.release
 
         async def receive_and_release() -> Any:
             item = await receive()
             release()
             return item
 
-        self._consume(receive_and_release if self.maxsize else receive)
+        self._consume(receive_and_release)
 
     def sender(self) -> Send:
         call, put = self.schedule, self.tx.send_nowait

@@ -4,8 +4,8 @@ Ratios are only taken between rows of the same run (these are noisy 2-core machi
 absolute numbers drift from run to run, ratios taken side by side hold). ``xraw`` is
 a row's rate over `call_soon_threadsafe`'s in the same loop, producer count and queue
 (bounded: `call_soon_threadsafe` behind a semaphore; on trio, `run_sync_soon`'s);
-``xtsfn`` over tsfn's. Rows
-with no loop of their own (the floor, Node) are compared with the asyncio loop's.
+``xtsfn`` over tsfn's. Rows with no loop of their own (the floor, Node) are compared
+with the asyncio loop's.
 """
 
 from __future__ import annotations
