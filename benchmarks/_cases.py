@@ -5,18 +5,21 @@ threads are started and wait on a `threading.Barrier` together with the loop thr
 the clock starts when the barrier opens and stops inside the callback that receives
 the last item. Then the producers are joined, the bridge is closed, and the sink
 checks that exactly the items sent arrived (a wrong sum fails the run, and so does a
-run that does not finish within its timeout).
+run that does not finish within its timeout). The script is written with anyio, so
+it is the same on asyncio's loop, uvloop and a `trio.run`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import importlib.util
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+
+import anyio
+import anyio.lowlevel
 
 from benchmarks._peers import Bridge, Send
 from tsfn._asyncio import asyncio_run
@@ -44,21 +47,26 @@ class Failed(Exception):
 
 
 def loop_kinds() -> list[str]:
-    """The event loops every case runs on: asyncio's default, and uvloop if installed."""
-    return ["asyncio", "uvloop"] if importlib.util.find_spec("uvloop") else ["asyncio"]
+    """The event loops the cases run on: asyncio's default, then uvloop and trio if
+    installed."""
+    return ["asyncio"] + [kind for kind in ("uvloop", "trio") if importlib.util.find_spec(kind)]
 
 
 def run_on(kind: str, main: Callable[[], Awaitable[T]]) -> T:
-    """`asyncio.run(main())` on a fresh loop of `kind` ("asyncio" or "uvloop")."""
+    """`main()` run to completion on a fresh loop of `kind` ("asyncio", "uvloop", "trio")."""
+
+    async def wrapped() -> T:
+        return await main()
+
+    if kind == "trio":
+        import trio
+
+        return trio.run(wrapped)
     factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
     if kind == "uvloop":
         import uvloop
 
         factory = uvloop.new_event_loop
-
-    async def wrapped() -> T:
-        return await main()
-
     return asyncio_run(wrapped(), loop_factory=factory)
 
 
@@ -132,12 +140,26 @@ async def drive(
     bridge_type: type[Bridge], sink: Sink, works: list[Work], *, maxsize: int, timeout: float
 ) -> float:
     """Run `works` on one thread each through a new bridge into `sink`; return seconds."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    sink.finished = functools.partial(done.set_result, None)
-    bridge = bridge_type(sink.put, n=sink.n, producers=len(works), maxsize=maxsize)
+    failure: Failed | None = None
+    # The bridge's consumer tasks live in this group; a failed run cancels them. The
+    # failure is raised outside the group, so it is not wrapped in an exception group.
+    async with anyio.create_task_group() as tasks:
+        bridge = bridge_type(sink.put, n=sink.n, producers=len(works), maxsize=maxsize, tasks=tasks)
+        try:
+            seconds = await _drive(bridge, sink, works, timeout)
+        except Failed as exc:
+            failure = exc
+            tasks.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return seconds
+
+
+async def _drive(bridge: Bridge, sink: Sink, works: list[Work], timeout: float) -> float:
+    done = anyio.Event()
+    sink.finished = done.set
     await bridge.start()
-    await asyncio.sleep(0)  # let consumer tasks reach their first `get`
+    await anyio.lowlevel.checkpoint()  # let consumer tasks reach their first `get`
     errors: list[BaseException] = []
     barrier = threading.Barrier(len(works) + 1)
     threads = [
@@ -152,19 +174,18 @@ async def drive(
     except threading.BrokenBarrierError:
         raise Failed(f"a producer failed to start: {errors!r}") from None
     start = time.perf_counter()
-    try:
-        await asyncio.wait_for(done, timeout)
-    except asyncio.TimeoutError:
+    with anyio.move_on_after(timeout):
+        await done.wait()
+    if not done.is_set():
         bridge.abort()
-        raise Failed(
-            f"hung: {sink.count} of {sink.n} items delivered after {timeout:g} s"
-        ) from None
+        raise Failed(f"hung: {sink.count} of {sink.n} items delivered after {timeout:g} s")
     deadline = time.monotonic() + timeout
     while any(t.is_alive() for t in threads):
         if time.monotonic() > deadline:
             raise Failed("hung: a producer did not return after its last item was delivered")
-        await asyncio.sleep(0.0005)
-    await asyncio.wait_for(bridge.stop(), timeout)
+        await anyio.sleep(0.0005)
+    with anyio.fail_after(timeout):
+        await bridge.stop()
     if errors:
         raise Failed(f"a producer raised {errors[0]!r}") from errors[0]
     sink.check()

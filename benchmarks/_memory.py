@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks._cases import Failed, Sink, Work, drive, run_on
-from benchmarks._peers import BRIDGES, Send
+from benchmarks._peers import Send, bridges
 
 __all__ = ["ITEM_SIZE", "SPIN", "measure"]
 
@@ -79,7 +79,7 @@ def _peak_rss_kib() -> int:
 
 
 def _child(method: str, loop: str, maxsize: int, n: int) -> dict[str, float]:
-    bridge = BRIDGES[method]
+    bridge = bridges(loop)[method]
 
     async def once(count: int) -> tuple[float, float]:
         sent: list[float] = []

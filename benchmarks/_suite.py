@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks import _cases, _memory, _node
 from benchmarks._cases import Failed, run_on
-from benchmarks._peers import BRIDGES, Bridge, available
+from benchmarks._peers import Bridge, available, bridges
 from benchmarks._report import FLOOR, NODE, TSFN, LatencyRow, MemoryRow, Results, Row, machine
 
 __all__ = ["main"]
@@ -68,7 +68,9 @@ def _parse(argv: list[str] | None) -> tuple[Options, Path | None]:
         "--only", action="append", default=[], help="run case ids matching (glob, repeatable)"
     )
     parser.add_argument("--skip", action="append", default=[], help="skip case ids matching")
-    parser.add_argument("--loops", help="comma-separated: asyncio,uvloop (default: both)")
+    parser.add_argument(
+        "--loops", help="comma-separated: asyncio,uvloop,trio (default: those installed)"
+    )
     parser.add_argument("--list", action="store_true", help="print the case ids and exit")
     parser.add_argument(
         "--out",
@@ -158,7 +160,7 @@ def _rate_cases(options: Options) -> list[RateCase]:
     for maxsize in (0, BOUNDED):
         for producers in PRODUCERS:
             for loop in options.loops:
-                for name, bridge in BRIDGES.items():
+                for name, bridge in bridges(loop).items():
                     cases.append(
                         RateCase(
                             f"throughput/{loop}/{name}/p{producers}/{_queue_id(maxsize)}",
@@ -181,7 +183,8 @@ def _rate_cases(options: Options) -> list[RateCase]:
         (f"{TSFN}.stream", _cases.stream_tsfn),
         ("hand-written", _cases.stream_handwritten),
     ]
-    for loop in options.loops:
+    # The hand-written pipeline is asyncio code (run_in_executor, asyncio.Queue).
+    for loop in (kind for kind in options.loops if kind != "trio"):
         for method, stream in streams:
             cases.append(
                 RateCase(
@@ -196,7 +199,7 @@ def _rate_cases(options: Options) -> list[RateCase]:
 def _unavailable(case: RateCase) -> str | None:
     """Why `case` cannot run on this machine, or None."""
     method = case.row.method
-    if method in BRIDGES:
+    if method in bridges(case.row.loop):
         return available(method)
     if method == f"{TSFN}.stream":
         why = available(TSFN)
@@ -278,7 +281,7 @@ def _latency_cases(options: Options) -> list[tuple[str, LatencyRow]]:
     cases = []
     for load, producers, maxsize in (("idle", 1, 0), ("load", 4, BOUNDED)):
         for loop in options.loops:
-            for name in BRIDGES:
+            for name in bridges(loop):
                 row = LatencyRow(loop, name, load, producers, maxsize)
                 cases.append((f"latency/{loop}/{name}/{load}", row))
     return cases
@@ -304,7 +307,7 @@ def _run_latency(options: Options, results: Results) -> None:
 
             def main(row: LatencyRow = row, n: int = n, idle: bool = idle) -> Awaitable[list[int]]:
                 return _cases.latency(
-                    BRIDGES[row.method],
+                    bridges(row.loop)[row.method],
                     n=n,
                     producers=row.producers,
                     maxsize=row.maxsize,
@@ -320,9 +323,9 @@ def _run_latency(options: Options, results: Results) -> None:
 
 
 def _memory_cases(options: Options) -> list[tuple[str, MemoryRow]]:
-    settings = [(TSFN, 0)] + [(name, BOUNDED) for name in BRIDGES]
     cases = []
     for loop in options.loops:
+        settings = [(TSFN, 0)] + [(name, BOUNDED) for name in bridges(loop)]
         for method, maxsize in settings:
             for n in options.memory_n:
                 row = MemoryRow(loop, method, maxsize, n)
