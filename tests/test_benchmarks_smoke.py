@@ -129,7 +129,11 @@ def _throughput_rates(results_md: str) -> dict[tuple[str, str, str], str]:
     """The items/s column of the throughput table, by (loop, method, queue)."""
     table = results_md.split("### Throughput", 1)[1].split("\n### ", 1)[0]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()]
-    rows = [cells for cells in rows if len(cells) == 8 and cells[0] in ("asyncio", "uvloop", "trio", "-")]
+    rows = [
+        cells
+        for cells in rows
+        if len(cells) == 8 and cells[0] in ("asyncio", "uvloop", "trio", "-")
+    ]
     return {(cells[0], cells[1].strip("*"), cells[3]): cells[4] for cells in rows}
 
 
