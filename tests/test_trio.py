@@ -8,6 +8,7 @@ parametrisation (tests/conftest.py); these are the ones that need `trio.run` its
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import threading
 from collections.abc import Callable
@@ -300,7 +301,13 @@ def test_run_passes_backend_options_to_trio_run() -> None:
 @pytest.mark.parametrize(
     ("options", "running"),
     [
-        ({"use_uvloop": True, "debug": False}, "uvloop"),
+        pytest.param(
+            {"use_uvloop": True, "debug": False},
+            "uvloop",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"
+            ),
+        ),
         ({"debug": True}, "asyncio"),
         ({"debug": False}, "asyncio"),
     ],
