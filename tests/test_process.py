@@ -413,12 +413,15 @@ async def test_a_work_cancelled_before_it_starts_never_runs(manager: SyncManager
     gate, ran = manager.Event(), manager.Event()
     context = multiprocessing.get_context("forkserver")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        busy = pool.submit(block, gate)
+        # The pool hands max_workers + 1 jobs to its processes' queue at once; those
+        # count as started. The work comes after them.
+        busy = [pool.submit(block, gate) for _ in range(2)]
         work = tsfn.AsyncWork(record_run, data=ran, executor=pool).queue()
         assert work.cancel()
         assert not work.cancel()
         gate.set()
-        busy.result(WAIT)
+        for job in busy:
+            job.result(WAIT)
         with pytest.raises(asyncio.CancelledError):
             await work
         assert work.status is tsfn.Status.CANCELLED

@@ -13,12 +13,13 @@ the token is compared with `hmac.compare_digest`. Anything else (a wrong token, 
 unknown id, garbage, a truncated or oversized first frame, silence for
 `AUTH_TIMEOUT` seconds) is closed at once and logged on the ``tsfn`` logger. A ticket
 lets one connection in, once. The hub listens on one interface (loopback for local
-pools) and only while some job holds a ticket. The token authenticates; it does not
+pools) and only while some job holds a ticket (and `LINGER` seconds more). The token authenticates; it does not
 encrypt: across a network, the frames travel in the clear.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import hmac
@@ -67,6 +68,13 @@ HELLO_BYTES = _ID_BYTES + _TOKEN_BYTES
 # than half of it is refused where it is emitted), not a security one; before
 # authentication the only acceptable length is HELLO_BYTES.
 MAX_FRAME = 1 << 30
+
+# How long a hub with no ticket out stays open for the next one: opening a hub (a
+# socket and a thread) costs about as much as a small job on a pool.
+LINGER = 1.0
+
+# How many ended, never-connected tickets a hub remembers (see Hub._spent).
+_SPENT = 1024
 
 # How long a new connection may take to say HELLO. Connections are authenticated one
 # after the other, so a silent one delays the others by at most this much.
@@ -242,8 +250,8 @@ class Hub:
     """One listening socket per interface while tickets are out, and its thread.
 
     The thread accepts and authenticates connections and hands each to its ticket;
-    it reads nothing after HELLO. When the last ticket is dropped the hub closes its
-    socket and its thread ends; the next ticket opens a new hub.
+    it reads nothing after HELLO. When no ticket has been out for LINGER seconds, the
+    hub closes its socket and its thread ends; the next ticket opens a new hub.
     """
 
     _hubs: ClassVar[dict[str, Hub]] = {}
@@ -255,6 +263,9 @@ class Hub:
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self._wake_r, self._wake_w = socket.socketpair()
         self._tickets: dict[bytes, Ticket] = {}
+        # Tickets whose job ended before its connection was read (a job that does not
+        # wait for START may): that connection is closed quietly, not reported.
+        self._spent: collections.OrderedDict[bytes, Ticket] = collections.OrderedDict()
         self._thread = threading.Thread(target=self._serve, name="tsfn-hub", daemon=True)
         self._thread.start()
 
@@ -271,21 +282,35 @@ class Hub:
 
     def _drop(self, ticket: Ticket) -> None:
         # Under Hub._lock.
-        if self._tickets.pop(ticket.id, None) is not None and not self._tickets:
-            del self._hubs[self._host]
-            self._wake_w.send(b"x")  # the thread closes the listener and ends
+        if self._tickets.pop(ticket.id, None) is None:
+            return
+        if ticket._state is _State.PENDING:
+            self._spent[ticket.id] = ticket
+            if len(self._spent) > _SPENT:
+                self._spent.popitem(last=False)
+        if not self._tickets:
+            self._wake_w.send(b"x")  # the thread starts lingering
 
     def _serve(self) -> None:
         try:
             with selectors.DefaultSelector() as selector:
                 selector.register(self._listener, selectors.EVENT_READ)
                 selector.register(self._wake_r, selectors.EVENT_READ)
+                timeout: float | None = None
                 while True:
-                    ready = {key.fileobj for key, _ in selector.select()}
+                    ready = {key.fileobj for key, _ in selector.select(timeout)}
                     if self._listener in ready:
                         self._admit()
                     if self._wake_r in ready:
-                        return
+                        self._wake_r.recv(64)
+                    with Hub._lock:
+                        if self._tickets:
+                            timeout = None
+                        elif ready:
+                            timeout = LINGER
+                        else:
+                            del self._hubs[self._host]  # the next ticket opens a new hub
+                            return
         finally:
             self._listener.close()
             self._wake_r.close()
@@ -303,12 +328,12 @@ class Hub:
             _log.warning("tsfn refused a connection from %s: %s", peer, exc)
             return
         with Hub._lock:
-            admitted = ticket._state is _State.PENDING
+            admitted = ticket._state is _State.PENDING and ticket.id in self._tickets
             if admitted:
                 ticket._state = _State.CONNECTED
         if not admitted:
-            # A cancelled job, or a second run of one (a retry): its worker reads an
-            # end of stream instead of START, and does not run the function.
+            # A cancelled job, a second run of one (a retry), or one that has ended:
+            # its worker reads an end of stream instead of START, and does not run.
             sock.close()
             return
         sock.settimeout(None)
@@ -340,7 +365,9 @@ class Hub:
         if rest or frames.pending():
             raise ChannelError("data arrived after the hello, before the connection was let in")
         with Hub._lock:
-            ticket = self._tickets.get(payload[:_ID_BYTES])
+            ticket = self._tickets.get(payload[:_ID_BYTES]) or self._spent.pop(
+                payload[:_ID_BYTES], None
+            )
         # Compared in constant time even when the id is unknown, so that timing tells
         # nothing about the token.
         expected = ticket._token if ticket is not None else bytes(_TOKEN_BYTES)

@@ -168,19 +168,23 @@ class RemoteWork(_Job):
         execute: Callable[[Any], R],
         data: Any,
     ) -> concurrent.futures.Future[R]:
-        self.submit(executor, serve_work, job, execute, data)
+        self._gated = _is_dask(executor)
+        self.submit(executor, serve_work, self._gated, job, execute, data)
         assert self.future is not None
         return self.future
 
     def revoke(self) -> bool:
-        """Cancel if the job has not started (connected); True if so.
+        """Cancel if the job has not started; True if so.
 
-        The ticket decides, not the executor's future (a Dask future says it cancelled
-        a task that is running): a job turned away runs nothing.
+        A process pool's future says so truly. A Dask future says it cancelled a task
+        that is running, so there the ticket decides: the job waits for START, and a
+        job turned away runs nothing.
         """
+        assert self.future is not None
+        if not self._gated:
+            return self.future.cancel() and self.ticket.revoke() | True
         if not self.ticket.revoke():
             return False
-        assert self.future is not None
         self.future.cancel()  # frees its place in the executor's queue, if it still can
         return True
 

@@ -75,16 +75,38 @@ class _Link:
     end of stream (see `Channel`).
     """
 
-    def __init__(self, address: tuple[str, int], hello: bytes) -> None:
+    def __init__(self, address: tuple[str, int], hello: bytes, *, lazy: bool = False) -> None:
         self._address = address
         self._hello = hello
-        self.flag = CancelFlag()
+        self.flag = _LazyFlag(self) if lazy else CancelFlag()
         self.channel: Channel | None = None
         self._lock = threading.Lock()
         self._users = 0
+        self._opened = False
 
-    def start(self, sender: _Sender | None = None) -> bool:
-        """Connect and wait to be let in; True once START came (then listen)."""
+    def open_once(self) -> None:
+        """Connect, without waiting for START, unless done already. Any thread.
+
+        If this process cannot reach the loop's any more, the work's result is not
+        wanted either: the flag is set.
+        """
+        if self._opened:
+            return
+        with self._lock:
+            if self._opened:
+                return
+            self._opened = True  # first: the receiver's own flag.set() must not recurse
+        try:
+            self.start(wait=False)
+        except TsfnError:
+            self.flag.set()
+
+    def start(self, sender: _Sender | None = None, *, wait: bool = True) -> bool:
+        """Connect, then wait to be let in: True once START came (then listen).
+
+        Without `wait`, listen at once and return True (the receiver skips START):
+        for a job whose executor's own future tells whether it started.
+        """
         try:
             channel = connect(self._address, self._hello)
         except OSError as exc:
@@ -92,7 +114,7 @@ class _Link:
                 f"cannot reach the loop's process at {self._address[0]}:{self._address[1]} "
                 f"({exc}); the workers must be able to connect to it"
             ) from exc
-        frame = channel.recv()
+        frame = channel.recv() if wait else (START, b"")
         if frame is None or frame[0] != START:
             channel.close()
             return False
@@ -110,7 +132,9 @@ class _Link:
                 if frame is None:
                     break
                 kind, payload = frame
-                if kind == CANCEL:
+                if kind == START:
+                    pass  # not waited for (see start)
+                elif kind == CANCEL:
                     self._cancel(sender)
                 elif kind == CREDIT and sender is not None:
                     sender.credit(int.from_bytes(payload, "big"))
@@ -140,6 +164,34 @@ class _Link:
             last = self._users == 0
         if last:
             self.channel.close()
+
+
+_IS_SET = CancelFlag.__dict__["is_set"]  # the slot's descriptor
+
+
+class _LazyFlag(CancelFlag):
+    """A work's flag that connects its channel the first time anyone looks at it.
+
+    A work that never asks `tsfn.cancelled()` (nor waits, nor hooks) then costs no
+    connection at all; one that asks is connected from then on, and sees a
+    cancellation made before it asked once CANCEL has arrived, a moment later.
+    """
+
+    __slots__ = ("_link",)
+
+    def __init__(self, link: _Link) -> None:
+        super().__init__()
+        self._link = link
+
+    @property
+    def is_set(self) -> bool:
+        self._link.open_once()
+        value: bool = _IS_SET.__get__(self)
+        return value
+
+    @is_set.setter
+    def is_set(self, value: bool) -> None:
+        _IS_SET.__set__(self, value)
 
 
 class _Sender:
@@ -312,7 +364,8 @@ def serve_stream(
 def serve_work(
     address: tuple[str, int],
     hello: bytes,
-    job: Callable[[Callable[[], bool], CancelFlag, Callable[[Any], R], Any], R],
+    gated: bool,
+    job: Callable[[Callable[[], bool] | None, CancelFlag, Callable[[Any], R], Any], R],
     execute: Callable[[Any], R],
     data: Any,
 ) -> R:
@@ -320,10 +373,12 @@ def serve_work(
 
     `job` is AsyncWork's own (it runs `execute` unless `start()` says the work was
     cancelled first); its outcome travels back through the executor, as without a
-    channel.
+    channel. `gated`: connect and wait for START first, as the executor's future
+    cannot be trusted to say whether the job started (Dask's); otherwise run at once
+    and connect only if the work looks at its cancellation (`_LazyFlag`).
     """
-    link = _Link(address, hello)
+    link = _Link(address, hello, lazy=not gated)
     try:
-        return job(link.start, link.flag, execute, data)
+        return job(link.start if gated else None, link.flag, execute, data)
     finally:
         link.finish()

@@ -109,9 +109,9 @@ class AsyncWork(Generic[D, R]):
     `executor` is any `concurrent.futures.Executor` or a Dask `distributed.Client`;
     by default the loop's default executor (`loop.set_default_executor` applies). In
     another process (a process pool, Dask), `execute` and `data` must pickle, and
-    `cancel()` and `tsfn.cancelled()` mean what they mean in this one: the job's
-    channel back to this process decides whether it started, and tells it when the
-    awaiting task is cancelled (see `_relay.py`).
+    `tsfn.cancelled()` works there as here: the job's channel back to this process
+    tells it (see `_relay.py`). `cancel()` succeeds while the executor still holds
+    the job: for a process pool, until it hands the job to its processes' queue.
     """
 
     def __init__(
