@@ -324,8 +324,8 @@ class Hub:
         try:
             ticket = self._authenticate(sock)
         except (ChannelError, OSError) as exc:
-            sock.close()
             _log.warning("tsfn refused a connection from %s: %s", peer, exc)
+            sock.close()
             return
         with Hub._lock:
             admitted = ticket._state is _State.PENDING and ticket.id in self._tickets
@@ -356,14 +356,12 @@ class Hub:
                     f"({frames.pending()} bytes of it arrived)"
                 )
             got = frames.feed(data)
-        (kind, payload), rest = got[0], got[1:]
+        kind, payload = got[0]
         if kind != HELLO or len(payload) != HELLO_BYTES:
             raise ChannelError(
                 f"the first frame must be a hello of {HELLO_BYTES} bytes, "
                 f"got kind {kind} of {len(payload)} bytes"
             )
-        if rest or frames.pending():
-            raise ChannelError("data arrived after the hello, before the connection was let in")
         with Hub._lock:
             ticket = self._tickets.get(payload[:_ID_BYTES]) or self._spent.pop(
                 payload[:_ID_BYTES], None
