@@ -73,7 +73,7 @@ MAX_FRAME = 1 << 30
 # socket and a thread) costs about as much as a small job on a pool.
 LINGER = 1.0
 
-# How many ended, never-connected tickets a hub remembers (see Hub._spent).
+# How many ended tickets a hub remembers (see Hub._spent).
 _SPENT = 1024
 
 # How long a new connection may take to say HELLO. Connections are authenticated one
@@ -213,6 +213,7 @@ class _State(enum.Enum):
     PENDING = "pending"  # its job may connect
     CONNECTED = "connected"  # its job did; nobody else may
     REVOKED = "revoked"  # its job was cancelled first: a late connection is turned away
+    DONE = "done"  # its job has ended
 
 
 class Ticket:
@@ -242,8 +243,10 @@ class Ticket:
     def done(self) -> bool:
         """The job has ended: drop the ticket. True if it never connected."""
         with Hub._lock:
+            connected = self._state is _State.CONNECTED
+            self._state = _State.DONE
             self._hub._drop(self)
-            return self._state is not _State.CONNECTED
+            return not connected
 
 
 class Hub:
@@ -263,8 +266,9 @@ class Hub:
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self._wake_r, self._wake_w = socket.socketpair()
         self._tickets: dict[bytes, Ticket] = {}
-        # Tickets whose job ended before its connection was read (a job that does not
-        # wait for START may): that connection is closed quietly, not reported.
+        # Tickets whose job has ended: a connection presenting one is closed quietly,
+        # not reported (a job that does not wait for START may end before its
+        # connection is read; Dask may run a job again).
         self._spent: collections.OrderedDict[bytes, Ticket] = collections.OrderedDict()
         self._thread = threading.Thread(target=self._serve, name="tsfn-hub", daemon=True)
         self._thread.start()
@@ -284,10 +288,9 @@ class Hub:
         # Under Hub._lock.
         if self._tickets.pop(ticket.id, None) is None:
             return
-        if ticket._state is _State.PENDING:
-            self._spent[ticket.id] = ticket
-            if len(self._spent) > _SPENT:
-                self._spent.popitem(last=False)
+        self._spent[ticket.id] = ticket
+        if len(self._spent) > _SPENT:
+            self._spent.popitem(last=False)
         if not self._tickets:
             self._wake_w.send(b"x")  # the thread starts lingering
 

@@ -51,7 +51,9 @@ _LOOPBACK = "127.0.0.1"
 class DaskClient(Protocol):
     """What tsfn uses of a `distributed.Client` (not imported: Dask is optional)."""
 
-    def get_executor(self, **kwargs: Any) -> concurrent.futures.Executor: ...
+    def get_executor(self, **kwargs: Any) -> concurrent.futures.Executor:
+        """A `concurrent.futures.Executor` that runs jobs on the cluster."""
+        ...
 
 
 def executor_of(
@@ -103,19 +105,23 @@ class _Job:
         self.channel: Channel | None = None
         self.cancelled = False  # the loop side wants the job to stop
         self.ticket: Ticket = Hub.ticket(host, self._connected)
+        # The executor's future, until it is done (then dropped: a Dask future that
+        # is still referenced keeps its result on the cluster, and Dask would run
+        # the job again if the worker holding that result died).
         self.future: concurrent.futures.Future[Any] | None = None
-        self.submitted = threading.Event()
+        self.error: BaseException | None = None  # the job's, once it is done
+        self.ended = threading.Event()
 
     def submit(
         self, executor: concurrent.futures.Executor, func: Callable[..., Any], *args: Any
     ) -> None:
         try:
-            self.future = executor.submit(func, self.ticket.address, self.ticket.hello, *args)
+            future = executor.submit(func, self.ticket.address, self.ticket.hello, *args)
         except BaseException:
             self.ticket.done()
             raise
-        self.submitted.set()
-        self.future.add_done_callback(self._done)
+        self.future = future
+        future.add_done_callback(self._done)
 
     def _connected(self, channel: Channel) -> None:
         # On the hub's thread.
@@ -136,7 +142,13 @@ class _Job:
             if self.channel is not None:
                 self.channel.tell(CANCEL)
 
-    def _done(self, _future: object) -> None:
+    def _done(self, future: concurrent.futures.Future[Any]) -> None:
+        try:
+            self.error = future.exception()
+        except concurrent.futures.CancelledError as exc:
+            self.error = exc
+        self.future = None
+        self.ended.set()
         if self.ticket.done():
             self.never_connected()
 
@@ -145,12 +157,8 @@ class _Job:
 
     def outcome(self) -> BaseException | None:
         """Block until the job is done; its exception, or None."""
-        self.submitted.wait()
-        assert self.future is not None
-        try:
-            return self.future.exception()
-        except concurrent.futures.CancelledError as exc:
-            return exc
+        self.ended.wait()
+        return self.error
 
 
 class RemoteWork(_Job):
@@ -170,8 +178,9 @@ class RemoteWork(_Job):
     ) -> concurrent.futures.Future[R]:
         self._gated = _is_dask(executor)
         self.submit(executor, serve_work, self._gated, job, execute, data)
-        assert self.future is not None
-        return self.future
+        future = self.future
+        assert future is not None  # AsyncWork keeps it (cancel, its outcome)
+        return future
 
     def revoke(self) -> bool:
         """Cancel if the job has not started; True if so.
@@ -180,20 +189,22 @@ class RemoteWork(_Job):
         that is running, so there the ticket decides: the job waits for START, and a
         job turned away runs nothing.
         """
-        assert self.future is not None
+        future = self.future
+        if future is None:
+            return False  # done already
         if not self._gated:
-            return self.future.cancel() and self.ticket.revoke() | True
+            return future.cancel()
         if not self.ticket.revoke():
             return False
-        self.future.cancel()  # frees its place in the executor's queue, if it still can
+        future.cancel()  # frees its place in the executor's queue, if it still can
         return True
 
     def on_connect(self, channel: Channel) -> None:
         # Closed when the job is done (`_done`); the worker reads until then.
-        if self.future is not None and self.future.done():
+        if self.ended.is_set():
             self._close()
 
-    def _done(self, future: object) -> None:
+    def _done(self, future: concurrent.futures.Future[Any]) -> None:
         super()._done(future)
         self._close()
 
