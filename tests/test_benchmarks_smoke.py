@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import _cases, _memory, _node, _suite
+from benchmarks import _cases, _memory, _node, _remote, _suite
 from benchmarks._cases import Failed, run_on
 from benchmarks._peers import BRIDGES, Bridge, RawBridge, Send
 
@@ -122,3 +122,16 @@ def test_the_command_writes_tables_and_json(tmp_path: Path) -> None:
     assert ("floor", 0) in rates
     assert data["failures"] == []
     assert "| asyncio | **tsfn** | 1 | unbounded |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.timeout(90)
+def test_streams_from_other_processes_carry_every_item() -> None:
+    executors = [e for e in _remote.METHODS if _remote.available(e) is None]
+    try:
+        for executor in executors:
+            for method in _remote.METHODS[executor]:
+                seconds, p50_ns = _remote.run(executor, method, 2, 300, timeout=60)
+                assert seconds > 0  # run() raised if an item was missing
+                assert p50_ns > 0
+    finally:
+        _remote.close_cluster()

@@ -26,7 +26,13 @@ distributed = pytest.importorskip(
 )
 dask = pytest.importorskip("dask")
 
-pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.timeout(60),
+    # With dashboard_address=None the scheduler's HTTP server still tries port 8787,
+    # and warns when another cluster on this machine has it (then takes another).
+    pytest.mark.filterwarnings("ignore:Port 8787 is already in use:UserWarning"),
+]
 
 Emit = Any
 

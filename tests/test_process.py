@@ -229,7 +229,7 @@ def emit_a_lock(emit: Emit) -> None:
 
 
 def reached(counter: Any, value: int) -> Callable[[], bool]:
-    return lambda: bool(counter.value == value)
+    return lambda: bool(counter.value >= value)
 
 
 @pytest.mark.parametrize("max_queue_size", [1, 5, 64])
@@ -238,8 +238,9 @@ async def test_the_worker_is_never_more_than_max_queue_size_plus_one_ahead(
 ) -> None:
     """As in tests/test_stream.py, counted: the worker records each item it is about to
     emit, and after each read the consumer checks how many it holds in all. At chosen
-    points the consumer stalls until the worker is exactly at the bound: the bound is
-    reached (every buffer on both sides and between them counts) and never passed."""
+    points the consumer stalls until the worker is at the bound (within the credits'
+    granularity): the bound is the real one (every buffer on both sides and between
+    them counts), and it is never passed."""
     bound = max_queue_size + 1
     n = 3 * bound + 20
     attempted = manager.Value("i", 0)
@@ -255,7 +256,10 @@ async def test_the_worker_is_never_more_than_max_queue_size_plus_one_ahead(
                 consumed += 1
                 assert attempted.value - consumed <= bound
                 if consumed in (1, n // 2):
-                    await asyncio.to_thread(wait_until, reached(attempted, consumed + bound))
+                    # Credits return in sixteenths of the queue (see _relay.py): the
+                    # worker gets that close to the bound while the consumer stalls.
+                    near = consumed + bound - (max(1, max_queue_size // 16) - 1)
+                    await asyncio.to_thread(wait_until, reached(attempted, near))
     assert consumed == n
 
 

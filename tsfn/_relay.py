@@ -114,14 +114,15 @@ class _Job:
 
     def submit(
         self, executor: concurrent.futures.Executor, func: Callable[..., Any], *args: Any
-    ) -> None:
+    ) -> concurrent.futures.Future[Any]:
         try:
             future = executor.submit(func, self.ticket.address, self.ticket.hello, *args)
         except BaseException:
             self.ticket.done()
             raise
         self.future = future
-        future.add_done_callback(self._done)
+        future.add_done_callback(self._done)  # which may run at once, here
+        return future
 
     def _connected(self, channel: Channel) -> None:
         # On the hub's thread.
@@ -177,10 +178,7 @@ class RemoteWork(_Job):
         data: Any,
     ) -> concurrent.futures.Future[R]:
         self._gated = _is_dask(executor)
-        self.submit(executor, serve_work, self._gated, job, execute, data)
-        future = self.future
-        assert future is not None  # AsyncWork keeps it (cancel, its outcome)
-        return future
+        return self.submit(executor, serve_work, self._gated, job, execute, data)
 
     def revoke(self) -> bool:
         """Cancel if the job has not started; True if so.
@@ -234,18 +232,20 @@ class RemoteStream(_Job):
     ) -> None:
         super().__init__(host)
         self._emit = emit
+        self._batched = not latest
         self._run = run
         self._begun = False
         self._discarding = False  # the consumer has gone: read on, deliver nothing
         self._failure: BaseException | None = None
         self.finished: concurrent.futures.Future[None] = concurrent.futures.Future()
-        # Credits go back in quarters of the queue, or at once while the worker may
-        # have none left (every item it was allowed has arrived): then it waits for
-        # them, and the bound is reached exactly. Loop thread and relay, under the lock.
-        self._owed = 0
-        self._granted = 1 if latest else max_queue_size
-        self._received = 0
-        self._credit_at = 1 if latest else max(1, max_queue_size // 4)
+        # Credits go back in sixteenths of the queue (the worker sends in quarters,
+        # so it has credits again while a batch is on its way: the best of the sizes
+        # tried, see benchmarks/). Never a deadlock: a worker waiting for credits,
+        # with all it sent read, means a whole queue's worth read since the last
+        # return, far more than a sixteenth. The price: while the consumer stalls, the
+        # worker may stop up to a sixteenth of the queue short of the bound.
+        self._owed = 0  # loop thread only
+        self._credit_at = 1 if latest else max(1, max_queue_size // 16)
         self._credited = latest or max_queue_size > 0
 
     def start(
@@ -270,30 +270,17 @@ class RemoteStream(_Job):
         def take_and_credit() -> tuple[bool, Y | None]:
             got, item = take()
             if got:
-                with self._lock:
-                    self._owed += 1
-                    if self._owed >= self._credit_at or self._received == self._granted:
-                        self._pay()
+                self._owed += 1
+                if self._owed >= self._credit_at:
+                    owed, self._owed = self._owed, 0
+                    channel = self.channel
+                    if channel is not None:
+                        # A write that fails (the worker died) is ignored: the relay
+                        # still reads every frame that arrived before.
+                        channel.tell(CREDIT, owed.to_bytes(4, "big"))
             return got, item
 
         return take_and_credit
-
-    def _pay(self) -> None:
-        # Under the lock.
-        owed, self._owed = self._owed, 0
-        self._granted += owed
-        if self.channel is not None:
-            # A write that fails (the worker died) is ignored: the relay still reads
-            # every frame that arrived before.
-            self.channel.tell(CREDIT, owed.to_bytes(4, "big"))
-
-    def _arrived(self, count: int) -> None:
-        # On the relay thread, after `count` items were handed to the consumer's side.
-        if self._credited:
-            with self._lock:
-                self._received += count
-                if self._owed and self._received == self._granted:
-                    self._pay()
 
     def on_connect(self, channel: Channel) -> None:
         self._begin()
@@ -355,19 +342,23 @@ class RemoteStream(_Job):
     def _deliver(self, payload: bytes) -> None:
         if self._discarding:
             return
+        items: list[Any] = []
         try:
-            count = 0
-            for item in _items(payload):
-                self._emit(item)
-                count += 1
-            self._arrived(count)
-        except Closing:
-            self._discarding = (
-                True  # the stream was aborted (the consumer left, the loop shut down)
-            )
-            self.cancel()
-        except Exception as exc:  # an item that does not unpickle here
+            items.extend(_items(payload))
+        except Exception as exc:  # an item that does not unpickle here: the last one
             self._failure = exc
+        try:
+            if self._batched:
+                self._emit(items)
+            else:
+                for item in items:
+                    self._emit(item)
+        except Closing:
+            # The stream was aborted (the consumer left, the loop shut down).
+            self._discarding = True
+            self.cancel()
+            return
+        if self._failure is not None:
             self._discarding = True
             self.cancel()
 

@@ -201,7 +201,7 @@ class _Sender:
         self.channel: Channel | None = None
         self._cond = threading.Condition(threading.Lock())
         self._latest = latest
-        # None: unbounded. The loop side returns credits in quarters of the queue.
+        # None: unbounded. A batch is a quarter of the queue (see _relay.py's credits).
         self._credits: int | None = 1 if latest else (max_queue_size or None)
         self._flush_at = (
             FLUSH_ITEMS

@@ -70,20 +70,39 @@ def stream(
 
 
 class _Queued(Generic[Y]):
-    """Every item, in order, through the reader-bound function's queue."""
+    """Every item, in order, through the reader-bound function's queue.
+
+    `batched`: items come in lists, one call per list, through an unbounded function:
+    from another process, whose credits are the bound (see _relay.py).
+    """
 
     def __init__(
-        self, wake: Callable[[], None], max_queue_size: int, end: Callable[[Any], None], name: str
+        self,
+        wake: Callable[[], None],
+        max_queue_size: int,
+        end: Callable[[Any], None],
+        name: str,
+        *,
+        batched: bool = False,
     ) -> None:
         self._buffer: deque[Y] = deque()  # delivered, unread: they keep their slots
         self._wake = wake
-        self.fn, self._read = reader_bound(
-            self._on_item, self._buffer, max_queue_size=max_queue_size, finalizer=end, name=name
+        self.fn, read = reader_bound(
+            self._on_batch if batched else self._on_item,
+            self._buffer,
+            max_queue_size=0 if batched else max_queue_size,
+            finalizer=end,
+            name=name,
         )
-        self.emit: Callable[[Y], None] = self.fn.call
+        self._read = _nothing if batched else read
+        self.emit: Callable[[Any], None] = self.fn.call
 
     def _on_item(self, item: Y) -> None:
         self._buffer.append(item)
+        self._wake()
+
+    def _on_batch(self, batch: list[Y]) -> None:
+        self._buffer.extend(batch)
         self._wake()
 
     def take(self) -> tuple[bool, Y | None]:
@@ -92,6 +111,10 @@ class _Queued(Generic[Y]):
         item = self._buffer.popleft()
         self._read()
         return True, item
+
+
+def _nothing() -> None:
+    pass
 
 
 class _Latest(Generic[Y]):
@@ -225,7 +248,13 @@ class Stream(Generic[Y, R]):
         self._items = (
             _Latest(self._wake_consumer, self._on_end, name)
             if self._latest
-            else _Queued(self._wake_consumer, self._max_queue_size, self._on_end, name)
+            else _Queued(
+                self._wake_consumer,
+                self._max_queue_size,
+                self._on_end,
+                name,
+                batched=self._host is not None,
+            )
         )
         self._take = self._items.take
         try:
