@@ -14,27 +14,28 @@ records items/s and each item's delay. The methods:
 - ``distributed.Queue``: the Dask jobs put batches of 16 items (tsfn's batch for a
   queue of 64) into a `distributed.Queue` of 4 batches; a relay thread gets them.
 
-Every run gets a fresh pool, started and warmed up before the clock starts; the Dask
-cluster (two worker processes, two threads each) is started once and kept.
+Each method and stream count gets its pool (and manager, queue) before its first run
+and keeps it; the Dask cluster (two worker processes, two threads each) is started
+once. So no run pays for starting processes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import importlib
 import importlib.util
 import multiprocessing
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import tsfn
 from benchmarks._cases import Failed
 
-__all__ = ["METHODS", "available", "close_cluster", "run"]
+__all__ = ["METHODS", "available", "close", "run"]
 
 MAXSIZE = 64
 DASK_BATCH = 16
@@ -44,7 +45,8 @@ METHODS = {"process pool": POOL_METHODS, "Dask": DASK_METHODS}
 DONE = None  # what a job sends after its last item (the relays only)
 
 _queue: Any = None  # a Queue relay worker's `multiprocessing.Queue` (initializer)
-_cluster: Any = None  # (LocalCluster, Client), started on first use
+_resources = contextlib.ExitStack()
+_made: dict[tuple[Any, ...], Any] = {}
 
 
 def available(executor: str) -> str | None:
@@ -126,18 +128,26 @@ def _context() -> Any:
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
-@contextmanager
-def _pool(workers: int, queue: Any = None) -> Iterator[concurrent.futures.ProcessPoolExecutor]:
+def _kept(key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+    """What `make()` made for `key` the first time: pools, managers and the cluster
+    are started once, before their first run, and kept until `close()`."""
+    if key not in _made:
+        _made[key] = make()
+    return _made[key]
+
+
+def _pool(workers: int, queue: Any = None) -> concurrent.futures.ProcessPoolExecutor:
     init: dict[str, Any] = {"initializer": _set_queue, "initargs": (queue,)} if queue else {}
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_context(), **init) as pool:
-        for _ in concurrent.futures.as_completed([pool.submit(_nothing) for _ in range(workers)]):
-            pass
-        yield pool
+    pool = _resources.enter_context(
+        concurrent.futures.ProcessPoolExecutor(workers, mp_context=_context(), **init)
+    )
+    for _ in concurrent.futures.as_completed([pool.submit(_nothing) for _ in range(workers)]):
+        pass  # every process started
+    return pool
 
 
 def _client() -> Any:
-    global _cluster
-    if _cluster is None:
+    def start() -> Any:
         distributed = _distributed()
         cluster = distributed.LocalCluster(
             n_workers=2,
@@ -146,17 +156,16 @@ def _client() -> Any:
             host="127.0.0.1",
             dashboard_address=":0",  # any free port: never another cluster's 8787
         )
-        _cluster = cluster, distributed.Client(cluster)
-    return _cluster[1]
+        _resources.enter_context(cluster)
+        return _resources.enter_context(distributed.Client(cluster))
+
+    return _kept(("dask",), start)
 
 
-def close_cluster() -> None:
-    global _cluster
-    if _cluster is not None:
-        cluster, client = _cluster
-        client.close()
-        cluster.close()
-        _cluster = None
+def close() -> None:
+    """Shut down every pool, manager and cluster the runs started."""
+    _made.clear()
+    _resources.close()
 
 
 async def _through_tsfn(executor: Any, delays: _Delays, streams: int, n: int) -> float:
@@ -220,26 +229,30 @@ async def _run(executor: str, method: str, streams: int, n: int) -> tuple[float,
 
             seconds = await _through_relay(submit, inbox, delays, streams)
     elif method == "tsfn":
-        with _pool(streams) as pool:
-            seconds = await _through_tsfn(pool, delays, streams, n)
+        pool = _kept((method, streams), lambda: _pool(streams))
+        seconds = await _through_tsfn(pool, delays, streams, n)
     elif method == "Manager relay":
-        with _context().Manager() as manager, _pool(streams) as pool:
-            inbox = manager.Queue(maxsize=100)
-            seconds = await _through_relay(
-                lambda: [pool.submit(_to_queue, inbox, n) for _ in range(streams)],
-                inbox,
-                delays,
-                streams,
-            )
+        manager = _kept(("manager",), lambda: _resources.enter_context(_context().Manager()))
+        pool, inbox = _kept((method, streams), lambda: (_pool(streams), manager.Queue(100)))
+        seconds = await _through_relay(
+            lambda: [pool.submit(_to_queue, inbox, n) for _ in range(streams)],
+            inbox,
+            delays,
+            streams,
+        )
     else:
-        inbox = _context().Queue(maxsize=100)
-        with _pool(streams, inbox) as pool:
-            seconds = await _through_relay(
-                lambda: [pool.submit(_to_global_queue, n) for _ in range(streams)],
-                inbox,
-                delays,
-                streams,
-            )
+
+        def start() -> tuple[concurrent.futures.Executor, Any]:
+            inbox = _context().Queue(maxsize=100)
+            return _pool(streams, inbox), inbox
+
+        pool, inbox = _kept((method, streams), start)
+        seconds = await _through_relay(
+            lambda: [pool.submit(_to_global_queue, n) for _ in range(streams)],
+            inbox,
+            delays,
+            streams,
+        )
     delays.check()
     return seconds, delays.samples
 

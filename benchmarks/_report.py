@@ -304,8 +304,8 @@ class Results:
             "ThreadsafeFunction of 64). Queue relay: the same with a `multiprocessing.Queue` "
             "given to the pool's initializer. distributed.Queue: the Dask jobs `put` "
             f"batches of {DASK_BATCH} into a `distributed.Queue` of 4 batches, relayed the "
-            "same way. Fresh pool per run, started before the clock; one Dask LocalCluster "
-            "(2 processes, 2 threads each) for all runs."
+            "same way. Each method and stream count keeps its pool, started before its "
+            "first run; one Dask LocalCluster (2 processes, 2 threads each) for all runs."
         )
 
     def _latency(self) -> str:

@@ -134,4 +134,4 @@ def test_streams_from_other_processes_carry_every_item() -> None:
                 assert seconds > 0  # run() raised if an item was missing
                 assert p50_ns > 0
     finally:
-        _remote.close_cluster()
+        _remote.close()

@@ -105,6 +105,39 @@ def test_a_misbehaving_connection_is_refused_reported_and_the_hub_serves_on(
     assert_still_serving(tkt, admitted)
 
 
+def test_a_connection_sending_its_hello_too_slowly_is_refused_after_the_auth_timeout(
+    ticket: tuple[Ticket, Admitted],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The timeout is for the whole hello: a byte now and then does not keep it open."""
+    tkt, admitted = ticket
+    monkeypatch.setattr(_channel, "AUTH_TIMEOUT", 0.3)
+    caplog.set_level(logging.WARNING, logger="tsfn")
+    sock = connect(tkt)
+    refused = threading.Event()
+
+    def drip() -> None:
+        for byte in hello(tkt.hello):
+            try:
+                sock.send(bytes([byte]))
+            except OSError:
+                break  # the hub closed it
+            if refused.wait(0.05):
+                break
+
+    dripper = threading.Thread(target=drip)
+    dripper.start()
+    try:
+        wait_until(lambda: any("no hello within" in r.getMessage() for r in caplog.records))
+    finally:
+        refused.set()
+        dripper.join(WAIT)
+    assert_closed_by_the_hub(sock)
+    assert not admitted.channels
+    assert_still_serving(tkt, admitted)
+
+
 def test_a_silent_connection_is_refused_after_the_auth_timeout(
     ticket: tuple[Ticket, Admitted],
     caplog: pytest.LogCaptureFixture,

@@ -349,7 +349,15 @@ def test_loop_shutdown_with_a_remote_stream_running_tells_the_worker(
 # -- faults ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["exit", "kill"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "exit",
+        pytest.param(
+            "kill", marks=pytest.mark.skipif(sys.platform == "win32", reason="no SIGKILL")
+        ),
+    ],
+)
 async def test_a_dead_worker_ends_the_stream_with_broken_process_pool_after_its_items(
     how: str,
 ) -> None:
@@ -367,6 +375,7 @@ def _tsfn_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name in ("tsfn-relay", "tsfn-hub")]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts fds in /proc/self/fd")
 async def test_many_streams_leak_no_fd_thread_or_process() -> None:
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:

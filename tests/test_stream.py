@@ -108,11 +108,6 @@ def emits_nothing(emit: Emit) -> None:
     pass
 
 
-async def test_an_executor_of_the_wrong_type_is_refused_by_name() -> None:
-    with pytest.raises(TypeError, match="executor must be"):
-        tsfn.stream(emits_nothing, executor=object())  # type: ignore[arg-type]
-
-
 async def test_bad_max_queue_size_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="max_queue_size"):
         tsfn.stream(emits_nothing, max_queue_size=-1)

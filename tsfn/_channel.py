@@ -30,6 +30,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -345,11 +346,12 @@ class Hub:
 
     def _authenticate(self, sock: socket.socket) -> Ticket:
         """The ticket `sock` presents, read within AUTH_TIMEOUT; ChannelError if none."""
-        sock.settimeout(AUTH_TIMEOUT)
+        deadline = time.monotonic() + AUTH_TIMEOUT  # for the whole hello, not each byte
         frames = _Frames(HELLO_BYTES)
         got: list[tuple[int, bytes]] = []
         while not got:
             try:
+                sock.settimeout(max(0.0, deadline - time.monotonic()))
                 data = sock.recv(HELLO_BYTES + _HEADER.size)
             except TimeoutError:
                 raise ChannelError(f"no hello within {AUTH_TIMEOUT} s") from None

@@ -63,8 +63,7 @@ def stream(
     A stream is iterated once: after its end, a new ``async for`` raises RuntimeError.
     `executor`: by default the loop's default executor; a thread pool; or, with the
     same guarantees, a process pool or a Dask `distributed.Client` (or its
-    ``get_executor()``), where `func`, `args` and the items must pickle (see
-    `_relay.py`).
+    ``get_executor()``), where `func`, `args`, the items and the result must pickle.
     """
     return Stream(func, args, max_queue_size=max_queue_size, latest=latest, executor=executor)
 
