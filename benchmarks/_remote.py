@@ -156,8 +156,13 @@ def _client() -> Any:
             host="127.0.0.1",
             dashboard_address=":0",  # any free port: never another cluster's 8787
         )
-        _resources.enter_context(cluster)
-        return _resources.enter_context(distributed.Client(cluster))
+        _resources.callback(cluster.close)
+        client = distributed.Client(cluster)
+        # Not `with client`: that sets a context variable, which would be reset in
+        # another context than the asyncio run that set it.
+        _resources.callback(client.close)
+        client.run(_nothing)  # every worker imports this module, and tsfn, now
+        return client
 
     return _kept(("dask",), start)
 
