@@ -133,7 +133,7 @@ def test_a_connection_sending_its_hello_too_slowly_is_refused_after_the_auth_tim
     finally:
         refused.set()
         dripper.join(WAIT)
-    assert_closed_by_the_hub(sock)
+        assert_closed_by_the_hub(sock)
     assert not admitted.channels
     assert_still_serving(tkt, admitted)
 

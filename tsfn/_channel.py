@@ -350,8 +350,11 @@ class Hub:
         frames = _Frames(HELLO_BYTES)
         got: list[tuple[int, bytes]] = []
         while not got:
+            left = deadline - time.monotonic()
             try:
-                sock.settimeout(max(0.0, deadline - time.monotonic()))
+                if left <= 0:  # (a timeout of 0 would make the socket non-blocking)
+                    raise TimeoutError
+                sock.settimeout(left)
                 data = sock.recv(HELLO_BYTES + _HEADER.size)
             except TimeoutError:
                 raise ChannelError(f"no hello within {AUTH_TIMEOUT} s") from None

@@ -110,7 +110,7 @@ class AsyncWork(Generic[D, R]):
     by default the loop's default executor (`loop.set_default_executor` applies). In
     another process (a process pool, Dask), `execute` and `data` must pickle, and
     `tsfn.cancelled()` works there as here: the job's channel back to this process
-    tells it (see `_relay.py`). `cancel()` succeeds while the executor still holds
+    tells it. `cancel()` succeeds while the executor still holds
     the job: for a process pool, until it hands the job to its processes' queue.
     """
 
