@@ -14,6 +14,7 @@ import concurrent.futures
 import itertools
 import multiprocessing
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -223,6 +224,24 @@ async def test_an_item_that_does_not_pickle_fails_the_emit_that_was_given_it(
 def emit_a_lock(emit: Emit) -> None:
     emit("before")
     emit(threading.Lock())
+
+
+def local_function() -> Callable[[Emit], None]:
+    def emit_one(emit: Emit) -> None:  # nested: pickle cannot find it by name
+        emit(1)
+
+    return emit_one
+
+
+async def test_a_function_that_does_not_pickle_fails_the_stream_not_the_loop(
+    pool: concurrent.futures.Executor,
+) -> None:
+    """The pool pickles the job later, in a thread of its own: the error reaches the
+    consumer all the same, and nothing waits for a connection that never comes."""
+    got: list[int] = []
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        await read_all(tsfn.stream(local_function(), executor=pool), got)
+    assert got == []
 
 
 # -- backpressure ----------------------------------------------------------------------
