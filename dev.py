@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-# What every command's venv gets: tsfn itself (editable), the extra its examples need,
-# and every development tool (pyproject.toml's PEP 735 `dev` group).
-INSTALL = ("-e", ".[examples]", "--group", "dev")
+# What every command's venv gets: tsfn itself (editable), the extras its examples and
+# the Dask tests need, and every development tool (pyproject.toml's PEP 735 `dev` group).
+INSTALL = ("-e", ".[examples,dask]", "--group", "dev")
 
 
 def _run(*cmd: str | Path) -> None:

@@ -29,6 +29,8 @@ __all__ = ["LatencyRow", "MemoryRow", "Results", "Row", "machine"]
 RAW, TSFN, FLOOR, NODE = "call_soon_threadsafe", "tsfn", "floor", "napi_threadsafe_function"
 TIMES = "\N{MULTIPLICATION SIGN}"  # the tables' ratio sign
 BOUNDED = 64
+# Remote rows: their section, and the methods tsfn is compared with there.
+REMOTE = {"process pool": ("Manager relay", "Queue relay"), "Dask": ("distributed.Queue",)}
 PEERS = ("janus", "culsans", "aiologic", "anyio", "uvloop", "trio", "psutil")
 TRIO_RAW, CHANNEL = "run_sync_soon", "memory_channel"
 
@@ -64,7 +66,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 class Row:
     """Items per second of one method in one setting, one value per round."""
 
-    section: str  # "throughput" or "stream"
+    section: str  # "throughput", "stream", or a remote executor: "process pool", "Dask"
     loop: str  # "asyncio", "uvloop", or "-" for the floor and Node
     method: str
     producers: int
@@ -73,10 +75,15 @@ class Row:
     rounds: list[float] = field(default_factory=list)
     note: str = ""  # why there is no number, or what went wrong in some rounds
     failed: bool = False  # a wrong result or a hang of a Python method: fails the run
+    p50_us: list[float] = field(default_factory=list)  # per round (remote rows only)
 
     @property
     def rate(self) -> float | None:
         return statistics.median(self.rounds) if self.rounds else None
+
+    @property
+    def p50(self) -> float | None:
+        return statistics.median(self.p50_us) if self.p50_us else None
 
 
 @dataclass
@@ -187,11 +194,13 @@ class Results:
         ]
         if any(r.section == "stream" for r in self.rows):
             parts += ["### `tsfn.stream` versus a hand-written pipeline", self._stream_table()]
+        if any(r.section in REMOTE for r in self.rows):
+            parts += ["### Streams from other processes: a process pool, Dask", self._remote()]
         if self.latency:
             parts += ["### Latency: from just before the call to the callback", self._latency()]
         if self.memory:
             parts += ["### Memory: a producer far faster than its consumer", self._memory()]
-        parts += ["### Targets (issue 4)", self._targets_table()]
+        parts += ["### Targets (issues 4, 11 and 12)", self._targets_table()]
         if self.skipped:
             parts += ["### Not run", "\n".join(f"- {why}" for why in self.skipped)]
         if self.failures():
@@ -267,6 +276,46 @@ class Results:
             "with at most 64 items in flight: `tsfn.stream(func, max_queue_size=64)`, "
             "and `call_soon_threadsafe(queue.put_nowait, x)` behind a `Semaphore(64)` "
             "that the consumer releases, ended by a sentinel."
+        )
+
+    def _remote(self) -> str:
+        bases = [base for group in REMOTE.values() for base in group]
+        lines = []
+        for row in self.rows:
+            if row.section not in REMOTE:
+                continue
+            ratios = [
+                _ratio(self._vs(row, base)) if base in REMOTE[row.section] else "" for base in bases
+            ]
+            note = ("FAILED: " if row.failed else "") + row.note
+            p50 = row.p50
+            lines.append(
+                [
+                    row.section,
+                    f"**{row.method}**" if row.method == TSFN else row.method,
+                    str(row.producers),
+                    str(row.n),
+                    _rate(row.rate),
+                    f"{p50:.0f}" if p50 is not None else "—",
+                    *ratios,
+                    note,
+                ]
+            )
+        header = ["executor", "method", "streams", "N each", "items/s", "p50 µs"]
+        header += [f"{TIMES}{base}" for base in bases] + ["note"]
+        from benchmarks._remote import DASK_BATCH
+
+        return _table(header, lines) + (
+            "\n\nS jobs each send N `perf_counter_ns()` stamps to one `async for` (tsfn) or "
+            "callback (the relays) on the loop, at most 64 in flight per hop; items/s counts "
+            "all streams, p50 is the median delay from the stamp to its arrival. tsfn: "
+            "`tsfn.stream(func, executor=pool or client)`. Manager relay: the former "
+            "process-pool how-to (a `Manager().Queue(100)` and a relay thread calling a "
+            "ThreadsafeFunction of 64). Queue relay: the same with a `multiprocessing.Queue` "
+            "given to the pool's initializer. distributed.Queue: the Dask jobs `put` "
+            f"batches of {DASK_BATCH} into a `distributed.Queue` of 4 batches, relayed the "
+            "same way. Each method and stream count keeps its pool, started before its "
+            "first run; one Dask LocalCluster (2 processes, 2 threads each) for all runs."
         )
 
     def _latency(self) -> str:
@@ -410,12 +459,45 @@ class Results:
                 grew = large.growth_mib - small.growth_mib
                 target = f"bounded 64: RSS growth, N={large.n} minus N={small.n}, MiB"
                 specs.append((target, grew, None, 1.0, "<="))
+            specs += self._remote_specs(loop)
             for target, value, divisor, need, sense in specs:
                 measured = (
                     value if divisor is None else (value / divisor if value and divisor else None)
                 )
                 out.append(self._judge(loop, target, measured, need, sense, divisor, floor))
         return out
+
+    def _remote_specs(self, loop: str) -> list[tuple[str, float | None, float | None, float, str]]:
+        def rate(section: str, method: str, streams: int) -> float | None:
+            return self.find(section, loop, method, streams, BOUNDED)
+
+        specs: list[tuple[str, float | None, float | None, float, str]] = []
+        for streams in (1, 4):
+            tsfn_pool, tsfn_dask = rate("process pool", TSFN, streams), rate("Dask", TSFN, streams)
+            specs += [
+                (
+                    f"process pool, {streams} streams: tsfn / Manager relay",
+                    tsfn_pool,
+                    rate("process pool", "Manager relay", streams),
+                    20,
+                    ">=",
+                ),
+                (
+                    f"process pool, {streams} streams: tsfn / Queue relay",
+                    tsfn_pool,
+                    rate("process pool", "Queue relay", streams),
+                    3,
+                    ">=",
+                ),
+                (
+                    f"Dask, {streams} streams: tsfn / distributed.Queue batched",
+                    tsfn_dask,
+                    rate("Dask", "distributed.Queue", streams),
+                    3,
+                    ">=",
+                ),
+            ]
+        return [spec for spec in specs if spec[1] is not None or spec[2] is not None]
 
     @staticmethod
     def _judge(

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import _cases, _memory, _node
+from benchmarks import _cases, _memory, _node, _remote
 from benchmarks._cases import Failed, run_on
 from benchmarks._peers import Bridge, available, bridges
 from benchmarks._report import FLOOR, NODE, TSFN, LatencyRow, MemoryRow, Results, Row, machine
@@ -52,6 +52,14 @@ class RateCase:
     row: Row
     run: Callable[[int], float | None]  # N -> seconds; None: hung (Node only)
     fixed_n: int | None = None
+    seconds: float | None = None  # what one run should take, if not --seconds
+    unavailable: str | None = None  # why it cannot run here (if not a bridge's reason)
+
+
+# Remote runs are longer than the in-process ones (their items come in batches, and
+# the relays they are compared with are slow), but the whole set must stay short.
+REMOTE_SECONDS = 1.0
+REMOTE_STREAMS = (1, 4)
 
 
 def _parse(argv: list[str] | None) -> tuple[Options, Path | None]:
@@ -193,12 +201,39 @@ def _rate_cases(options: Options) -> list[RateCase]:
                     _stream_run(loop, stream, timeout),
                 )
             )
+    for executor, methods in _remote.METHODS.items():
+        for count in REMOTE_STREAMS:
+            for method in methods:
+                row = Row(executor, "asyncio", method, count, BOUNDED)
+                cases.append(
+                    RateCase(
+                        f"remote/{executor.replace(' ', '-')}/{method}/s{count}",
+                        row,
+                        _remote_run(row, timeout * 4),
+                        seconds=REMOTE_SECONDS,
+                        unavailable=_remote.available(executor),
+                    )
+                )
     return cases
+
+
+def _remote_run(row: Row, timeout: float) -> Callable[[int], float]:
+    """N items per stream -> seconds for all; a timed round's p50 goes into the row."""
+
+    def run(n: int) -> float:
+        seconds, p50_ns = _remote.run(row.section, row.method, row.producers, n, timeout)
+        if n == row.n:
+            row.p50_us.append(p50_ns / 1e3)
+        return seconds / row.producers  # so that the rate counts the items of all streams
+
+    return run
 
 
 def _unavailable(case: RateCase) -> str | None:
     """Why `case` cannot run on this machine, or None."""
     method = case.row.method
+    if case.unavailable or case.row.section in _remote.METHODS:
+        return case.unavailable
     if method in bridges(case.row.loop):
         return available(method)
     if method == f"{TSFN}.stream":
@@ -246,7 +281,8 @@ def _run_rates(options: Options, results: Results) -> None:
         seconds = _attempt(case, warm)
         if seconds:
             rate = warm / seconds
-            case.row.n = int(min(options.max_n, max(1000, rate * options.seconds)))
+            target = case.seconds or options.seconds
+            case.row.n = int(min(options.max_n, max(1000, rate * target)))
     for round_ in range(options.rounds):
         started = time.perf_counter()
         for case in runnable:
@@ -371,7 +407,10 @@ def main(argv: list[str] | None = None) -> int:
         "skip": options.skip,
     }
     results = Results(machine(), config)
-    _run_rates(options, results)
+    try:
+        _run_rates(options, results)
+    finally:
+        _remote.close()
     _run_latency(options, results)
     _run_memory(options, results)
     results.config["total_seconds"] = round(time.perf_counter() - started, 1)

@@ -13,7 +13,6 @@ checks must not depend on a loop running, and nothing is ever delivered.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -270,14 +269,6 @@ def test_stream_rejects_a_bad_argument(
     with pytest.raises(error) as caught:
         tsfn.stream(func, **kwargs)
     _check_message(caught.value, argument, value)
-
-
-def test_stream_rejects_a_process_pool_executor() -> None:
-    """`emit` cannot cross processes, so a process pool is the wrong kind of executor."""
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1) as pool:
-        with pytest.raises(TypeError) as caught:
-            tsfn.stream(_emit_nothing, executor=pool)
-        _check_message(caught.value, "executor", pool)
 
 
 # -- run ---------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import _cases, _memory, _node, _suite
+from benchmarks import _cases, _memory, _node, _remote, _suite
 from benchmarks._cases import Failed, run_on
 from benchmarks._peers import BRIDGES, Bridge, RawBridge, Send, bridges
 
@@ -153,3 +153,16 @@ def test_trio_rows_take_their_ratios_from_run_sync_soon(tmp_path: Path) -> None:
     assert all(row.split("|")[6].strip() == "1.00\N{MULTIPLICATION SIGN}" for row in rows)
     assert "P=1 unbounded: tsfn / run_sync_soon >= 5" in text
     assert "P=1 bounded 64: tsfn / memory_channel >= 2" in text
+
+
+@pytest.mark.timeout(90)
+def test_streams_from_other_processes_carry_every_item() -> None:
+    executors = [e for e in _remote.METHODS if _remote.available(e) is None]
+    try:
+        for executor in executors:
+            for method in _remote.METHODS[executor]:
+                seconds, p50_ns = _remote.run(executor, method, 2, 300, timeout=60)
+                assert seconds > 0  # run() raised if an item was missing
+                assert p50_ns > 0
+    finally:
+        _remote.close()

@@ -177,13 +177,14 @@ def test_metadata_names_the_maintainers_and_no_development_tool(dist: Path) -> N
     metadata = _wheel_metadata(dist)
     assert metadata["Author"] == metadata["Maintainer"] == "The tsfn developers"
     # At run time tsfn needs typing_extensions alone; the other dependencies are the
-    # examples' extra. The test, lint, benchmark and docs tools are dependency groups,
-    # never published.
+    # extras: Dask's, and the examples'. The test, lint, benchmark and docs tools are
+    # dependency groups, never published.
     requires = metadata.get_all("Requires-Dist") or []
     runtime = [r for r in requires if "extra ==" not in r]
     assert [r.partition(">")[0] for r in runtime] == ["typing-extensions"], requires
-    assert all(r.endswith("extra == 'examples'") for r in requires if r not in runtime)
-    assert metadata.get_all("Provides-Extra") == ["examples"]
+    extras = {r.rpartition("extra == ")[2] for r in requires if r not in runtime}
+    assert extras == {"'dask'", "'examples'"}
+    assert metadata.get_all("Provides-Extra") == ["dask", "examples"]
 
 
 def test_project_urls_agree_with_the_site(dist: Path) -> None:

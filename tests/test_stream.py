@@ -99,14 +99,6 @@ def emits_nothing(emit: Emit) -> None:
     pass
 
 
-async def test_a_process_pool_is_refused_because_emit_cannot_cross_processes() -> None:
-    with (
-        concurrent.futures.ProcessPoolExecutor(max_workers=1) as pool,
-        pytest.raises(TypeError, match="executor"),
-    ):
-        tsfn.stream(emits_nothing, executor=pool)
-
-
 async def test_bad_max_queue_size_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="max_queue_size"):
         tsfn.stream(emits_nothing, max_queue_size=-1)

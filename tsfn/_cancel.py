@@ -62,9 +62,10 @@ class CancelFlag:
         self._ended = False  # the worker has returned: no more hooks, none left to run
 
     def __reduce__(self) -> tuple[Callable[[bool], CancelFlag], tuple[bool]]:
-        # A job sent to a process pool carries its flag: the copy there has the same
-        # state and no hooks (none can be registered here for a job that runs there),
-        # and nothing sets it: in another process, the work is never told (yet).
+        # A job sent to another process by an executor tsfn does not know carries its
+        # flag: the copy there has the same state and no hooks, and nothing sets it.
+        # (Process pools and Dask get a flag of their own there, set through the job's
+        # channel: see _remote.py.)
         return _copied_flag, (self.is_set,)
 
     def set(self) -> None:
@@ -283,8 +284,9 @@ def cancelled() -> bool:
     In an `AsyncWork`'s `execute`: the task awaiting the work was cancelled after
     `execute` had started. In a `stream` function: the consumer has left the
     `async with` block (or its task was cancelled), so the next `emit` raises
-    `Closing`. Outside such a worker, and in a worker running in another process,
-    it is always False.
+    `Closing`. This holds in worker processes (a process pool, a Dask worker) too:
+    the loop's process tells them over the job's channel. Outside a worker it is
+    always False.
     """
     flag: CancelFlag | None = getattr(_local, "flag", None)
     return flag is not None and flag.is_set
@@ -299,9 +301,9 @@ def cancel_token() -> CancelToken:
 
     Raises `RuntimeError` anywhere else (the loop thread, a thread of your own, a
     pool thread between works): a token that could never be cancelled would let a
-    hook meant to stop a library silently never run. One exception, for now: in a
-    worker *process* (`executor=` a process pool) the token exists but, like
-    `tsfn.cancelled()` there, is never cancelled.
+    hook meant to stop a library silently never run. In a worker *process* (a
+    process pool, a Dask worker) the token works the same: the cancellation comes
+    over the job's channel.
     """
     token: CancelToken | None = getattr(_local, "token", None)
     if token is None:

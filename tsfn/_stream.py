@@ -28,6 +28,7 @@ from ._checks import check_callable, check_count
 from ._errors import Closing
 from ._function import ThreadsafeFunction
 from ._loop import Event, Port, Spawned
+from ._relay import DaskClient, RemoteStream, executor_of
 from ._running import running_port
 
 __all__ = ["Stream", "stream"]
@@ -43,7 +44,7 @@ def stream(
     *args: Any,
     max_queue_size: int = 64,
     latest: bool = False,
-    executor: concurrent.futures.Executor | None = None,
+    executor: concurrent.futures.Executor | DaskClient | None = None,
 ) -> Stream[Y, R]:
     """Run ``func(emit, *args)`` on a worker; read what it emits with ``async for``.
 
@@ -60,8 +61,9 @@ def stream(
       the newest item emitted since its last read, and the last item is always seen.
 
     A stream is iterated once: after its end, a new ``async for`` raises RuntimeError.
-    `executor` must run `func` in this process (a thread pool); by default the loop's
-    default executor.
+    `executor`: by default the loop's default executor; a thread pool; or, with the
+    same guarantees, a process pool or a Dask `distributed.Client` (or its
+    ``get_executor()``), where `func`, `args`, the items and the result must pickle.
     """
     return Stream(func, args, max_queue_size=max_queue_size, latest=latest, executor=executor)
 
@@ -92,28 +94,51 @@ class _ReaderBound(ThreadsafeFunction[Y, None]):
 
 
 class _Queued(Generic[Y]):
-    """Every item, in order, through the reader-bound function's queue."""
+    """Every item, in order, through the reader-bound function's queue.
+
+    `batched`: items come in lists, one call per list, through an unbounded function:
+    from another process, whose credits are the bound (see _relay.py).
+    """
 
     def __init__(
-        self, wake: Callable[[], None], max_queue_size: int, end: Callable[[Any], None], name: str
+        self,
+        wake: Callable[[], None],
+        max_queue_size: int,
+        end: Callable[[Any], None],
+        name: str,
+        *,
+        batched: bool = False,
     ) -> None:
         self._buffer: deque[Y] = deque()  # delivered, unread: they keep their slots
         self._wake = wake
         self.fn = _ReaderBound(
-            self._on_item, self._buffer, max_queue_size=max_queue_size, finalizer=end, name=name
+            self._on_batch if batched else self._on_item,
+            self._buffer,
+            max_queue_size=0 if batched else max_queue_size,
+            finalizer=end,
+            name=name,
         )
-        self.emit: Callable[[Y], None] = self.fn.call
+        self._read = _nothing if batched else self.fn.read_one
+        self.emit: Callable[[Any], None] = self.fn.call
 
     def _on_item(self, item: Y) -> None:
         self._buffer.append(item)
+        self._wake()
+
+    def _on_batch(self, batch: list[Y]) -> None:
+        self._buffer.extend(batch)
         self._wake()
 
     def take(self) -> tuple[bool, Y | None]:
         if not self._buffer:
             return False, None
         item = self._buffer.popleft()
-        self.fn.read_one()
+        self._read()
         return True, item
+
+
+def _nothing() -> None:
+    pass
 
 
 class _Latest(Generic[Y]):
@@ -159,28 +184,22 @@ class Stream(Generic[Y, R]):
         *,
         max_queue_size: int,
         latest: bool,
-        executor: concurrent.futures.Executor | None,
+        executor: concurrent.futures.Executor | DaskClient | None,
     ) -> None:
         check_callable(func, "func", optional=False)
         check_count(max_queue_size, "max_queue_size", 0)
         if latest is not True and latest is not False:
             raise TypeError(f"latest must be a bool, got {latest!r}")
-        if executor is not None and (
-            not isinstance(executor, concurrent.futures.Executor)
-            or isinstance(executor, concurrent.futures.ProcessPoolExecutor)
-        ):
-            raise TypeError(
-                "executor must be a thread-based concurrent.futures.Executor or None "
-                f"(emit cannot cross processes), got {executor!r}"
-            )
+        self._executor, self._host = executor_of(executor)
         self._func = func
         self._args = args
         self._max_queue_size = max_queue_size
         self._latest = latest
-        self._executor = executor
+        self._remote: RemoteStream | None = None  # func runs in another process
         self._flag = CancelFlag()
         self._port: Port | None = None
         self._items: _Queued[Y] | _Latest[Y] | None = None
+        self._take: Callable[[], tuple[bool, Y | None]] = lambda: (False, None)
         self._worker: Spawned[None] | None = None
         self._waiter: Event | None = None
         self._ended = False  # the function's finalizer ran: nothing more will arrive
@@ -197,11 +216,16 @@ class Stream(Generic[Y, R]):
 
     # -- worker side -------------------------------------------------------------------
 
-    def _run_worker(self) -> None:
+    def _run_worker(self, body: Callable[[], R] | None = None) -> None:
+        # `body`: for a remote function, its relay, which returns or raises its outcome.
         assert self._items is not None
         try:
-            self._result = run_with_flag(
-                self._flag, functools.partial(self._func, self._items.emit, *self._args)
+            self._result = (
+                body()
+                if body is not None
+                else run_with_flag(
+                    self._flag, functools.partial(self._func, self._items.emit, *self._args)
+                )
             )
         except BaseException as exc:  # re-raised in the consumer, after the items
             self._error = _reraisable(exc)
@@ -212,6 +236,8 @@ class Stream(Generic[Y, R]):
 
     def _on_end(self, _context: object) -> None:
         self._ended = True
+        if self._remote is not None:
+            self._remote.cancel()  # aborted: the remote emit raises Closing (no-op at the end)
         self._wake_consumer()
 
     def _wake_consumer(self) -> None:
@@ -227,7 +253,7 @@ class Stream(Generic[Y, R]):
         if self._items is None or self._port is None:
             raise RuntimeError("iterate a stream inside its `async with` block")
         while True:
-            got, item = self._items.take()
+            got, item = self._take()
             if got:
                 return item  # type: ignore[return-value]
             if self._ended:
@@ -246,17 +272,36 @@ class Stream(Generic[Y, R]):
         self._items = (
             _Latest(self._wake_consumer, self._on_end, name)
             if self._latest
-            else _Queued(self._wake_consumer, self._max_queue_size, self._on_end, name)
+            else _Queued(
+                self._wake_consumer,
+                self._max_queue_size,
+                self._on_end,
+                name,
+                batched=self._host is not None,
+            )
         )
+        self._take = self._items.take
         try:
             if self._executor is None:
                 self._worker = port.run_in_worker(self._run_worker)
-            else:
+            elif self._host is None:
                 self._worker = port.wrap_future(self._executor.submit(self._run_worker))
+            else:
+                self._worker = port.wrap_future(self._start_remote(self._executor, self._host))
         except BaseException:
             self._items.fn.abort()
             raise
         return self
+
+    def _start_remote(
+        self, executor: concurrent.futures.Executor, host: str
+    ) -> concurrent.futures.Future[None]:
+        assert self._items is not None
+        self._remote = remote = RemoteStream(
+            host, self._items.emit, self._run_worker, self._max_queue_size, self._latest
+        )
+        self._take = remote.crediting(self._items.take)
+        return remote.start(executor, self._func, self._args, self._max_queue_size, self._latest)
 
     async def __aexit__(
         self,

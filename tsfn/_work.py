@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 from ._cancel import CancelFlag, run_with_flag
 from ._checks import check_callable, check_name, check_plain_callable
 from ._loop import Event, Membership, Port, Spawned
+from ._relay import DaskClient, RemoteWork, executor_of
 from ._results import let_through
 from ._running import running_port
 
@@ -82,9 +83,12 @@ class _Raised(Exception):
         self.exc = exc
 
 
-def _job(gate: _Gate | None, flag: CancelFlag, execute: Callable[[Any], R], data: Any) -> R:
-    """What the worker runs: `execute(data)`, unless cancelled first, with `flag` bound."""
-    if gate is not None and not gate.start():
+def _job(
+    start: Callable[[], bool] | None, flag: CancelFlag, execute: Callable[[Any], R], data: Any
+) -> R:
+    """What the worker runs: `execute(data)`, unless `start()` says it was cancelled
+    first (the default executor's gate, or a remote job's channel), with `flag` bound."""
+    if start is not None and not start():
         raise _Skipped
     try:
         return run_with_flag(flag, functools.partial(execute, data))
@@ -102,9 +106,12 @@ class AsyncWork(Generic[D, R]):
     work that was not queued queues it. Until `complete` has run, the work keeps
     `tsfn.run()` alive, like a referenced ThreadsafeFunction.
 
-    `executor` is any `concurrent.futures.Executor`; by default the loop's default
-    executor (`loop.set_default_executor` applies). With a `ProcessPoolExecutor`,
-    `execute` and `data` must be picklable and `tsfn.cancelled()` is always False.
+    `executor` is any `concurrent.futures.Executor` or a Dask `distributed.Client`;
+    by default the loop's default executor (`loop.set_default_executor` applies). In
+    another process (a process pool, Dask), `execute` and `data` must pickle, and
+    `tsfn.cancelled()` works there as here: the job's channel back to this process
+    tells it. `cancel()` succeeds while the executor still holds
+    the job: for a process pool, until it hands the job to its processes' queue.
     """
 
     def __init__(
@@ -113,20 +120,17 @@ class AsyncWork(Generic[D, R]):
         complete: Callable[[Status, D], object] | None = None,
         *,
         data: D = None,  # type: ignore[assignment]
-        executor: concurrent.futures.Executor | None = None,
+        executor: concurrent.futures.Executor | DaskClient | None = None,
         name: str | None = None,
     ) -> None:
         check_callable(execute, "execute", optional=False)
         check_plain_callable(complete, "complete", "on the loop as the work ends")
-        if executor is not None and not isinstance(executor, concurrent.futures.Executor):
-            raise TypeError(
-                f"executor must be a concurrent.futures.Executor or None, got {executor!r}"
-            )
+        self._executor, self._host = executor_of(executor)
         check_name(name)
         self._execute = execute
         self._complete = complete
         self._data = data
-        self._executor = executor
+        self._remote: RemoteWork | None = None
         self._name = name
         self._flag = CancelFlag()
         self._gate = _Gate()
@@ -163,8 +167,14 @@ class AsyncWork(Generic[D, R]):
         done: Spawned[R]
         if self._executor is None:
             done = port.run_in_worker(
-                functools.partial(_job, self._gate, self._flag, self._execute, self._data)
+                functools.partial(_job, self._gate.start, self._flag, self._execute, self._data)
             )
+        elif self._host is not None:
+            self._remote = RemoteWork(self._host, self._flag)
+            self._executor_future = self._remote.submit_work(
+                self._executor, _job, self._execute, self._data
+            )
+            done = port.wrap_future(self._executor_future)
         else:
             self._executor_future = self._executor.submit(
                 _job, None, self._flag, self._execute, self._data
@@ -184,10 +194,11 @@ class AsyncWork(Generic[D, R]):
         `napi_generic_failure`), it was cancelled already, or it was never queued.
         """
         if self._executor_future is not None:
-            # The executor's own future decides (that works across processes too); it
-            # completes as cancelled and _on_done follows. The gate makes a second
-            # cancel() return False.
-            return self._gate.cancel(self._executor_future.cancel)
+            # The executor's own future decides, or for another process the job's
+            # ticket; the future completes as cancelled (or with _Skipped) and _on_done
+            # follows. The gate makes a second cancel() return False.
+            stop = self._remote.revoke if self._remote else self._executor_future.cancel
+            return self._gate.cancel(stop)
         if self._port is None or not self._gate.cancel():
             return False
         # The default executor still holds the job and will skip it when a worker

@@ -1,0 +1,393 @@
+"""The loop process's end of a job that runs in another process (a pool, Dask).
+
+`remote_executor` tells which executors run their jobs in other processes: process
+pools, and a Dask `distributed.Client` or its `get_executor()`. For them, a job is
+sent with a `Ticket` of the `Hub` listening where the workers can reach this process
+(loopback for a local pool; for Dask, the interface this process reaches the
+scheduler through), and its channel carries what a thread pool's job would reach
+through shared memory.
+
+Nothing here touches the event loop. A remote stream's items arrive on a *relay*
+thread, which hands them to the stream's in-process ThreadsafeFunction like any
+producer thread, and credits go back from the consumer's side as it reads. A remote
+AsyncWork's channel carries only START and CANCEL; its outcome comes back through the
+executor's future, as without a channel.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import pickle
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar
+
+from ._cancel import CancelFlag
+from ._channel import (
+    CANCEL,
+    CREDIT,
+    ERROR,
+    ITEMS,
+    RESULT,
+    START,
+    Channel,
+    ChannelError,
+    Hub,
+    Ticket,
+)
+from ._errors import Closing
+from ._remote import ITEM_SIZE, serve_stream, serve_work
+
+__all__ = ["DaskClient", "RemoteStream", "RemoteWork", "executor_of"]
+
+R = TypeVar("R")
+Y = TypeVar("Y")
+
+_LOOPBACK = "127.0.0.1"
+
+
+class DaskClient(Protocol):
+    """What tsfn uses of a `distributed.Client` (not imported: Dask is optional)."""
+
+    def get_executor(self, **kwargs: Any) -> concurrent.futures.Executor:
+        """A `concurrent.futures.Executor` that runs jobs on the cluster."""
+        ...
+
+
+def executor_of(
+    executor: concurrent.futures.Executor | DaskClient | None,
+) -> tuple[concurrent.futures.Executor | None, str | None]:
+    """The executor to submit to, and the host its workers reach us on (None: this
+    process's threads). Raises TypeError for anything else."""
+    if executor is None:
+        return None, None
+    if _is_dask(executor) and hasattr(executor, "get_executor"):
+        executor = executor.get_executor()
+    if not isinstance(executor, concurrent.futures.Executor):
+        raise TypeError(
+            "executor must be a concurrent.futures.Executor, a distributed.Client, "
+            f"or None, got {executor!r}"
+        )
+    if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
+        return executor, _LOOPBACK
+    if _is_dask(executor):
+        return executor, _host_toward(executor._client.scheduler.address)  # type: ignore[attr-defined]
+    return executor, None
+
+
+def _is_dask(executor: object) -> bool:
+    return type(executor).__module__.partition(".")[0] == "distributed"
+
+
+def _host_toward(address: str) -> str:
+    """This machine's address on the interface that reaches `address` (a Dask
+    scheduler's, ``tcp://host:port``): the one its workers can most likely reach too."""
+    scheme, _, rest = address.rpartition("://")
+    if scheme not in ("tcp", "tls"):
+        return _LOOPBACK  # inproc:// and the like: the workers are in this process
+    host = rest.rpartition(":")[0].strip("[]")
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return _LOOPBACK
+    # Connecting a UDP socket sends nothing; it only picks the route and its source.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, 9))
+        source: str = probe.getsockname()[0]
+        return source
+
+
+class _Job:
+    """A job submitted with a ticket: its future and the channel once it connected."""
+
+    def __init__(self, host: str) -> None:
+        self._lock = threading.Lock()
+        self.channel: Channel | None = None
+        self.cancelled = False  # the loop side wants the job to stop
+        self.ticket: Ticket = Hub.ticket(host, self._connected)
+        # The executor's future, until it is done (then dropped: a Dask future that
+        # is still referenced keeps its result on the cluster, and Dask would run
+        # the job again if the worker holding that result died).
+        self.future: concurrent.futures.Future[Any] | None = None
+        self.error: BaseException | None = None  # the job's, once it is done
+        self.ended = threading.Event()
+
+    def submit(
+        self, executor: concurrent.futures.Executor, func: Callable[..., Any], *args: Any
+    ) -> concurrent.futures.Future[Any]:
+        try:
+            future = executor.submit(func, self.ticket.address, self.ticket.hello, *args)
+        except BaseException:
+            self.ticket.done()
+            raise
+        self.future = future
+        future.add_done_callback(self._done)  # which may run at once, here
+        return future
+
+    def _connected(self, channel: Channel) -> None:
+        # On the hub's thread.
+        with self._lock:
+            channel.tell(START)
+            if self.cancelled:
+                channel.tell(CANCEL)
+            self.channel = channel
+        self.on_connect(channel)
+
+    def on_connect(self, channel: Channel) -> None:
+        """After START: a stream starts its relay."""
+
+    def cancel(self) -> None:
+        """Tell the job to stop (now, or as it connects). Any thread; idempotent."""
+        with self._lock:
+            self.cancelled = True
+            if self.channel is not None:
+                self.channel.tell(CANCEL)
+
+    def _done(self, future: concurrent.futures.Future[Any]) -> None:
+        try:
+            self.error = future.exception()
+        except concurrent.futures.CancelledError as exc:
+            self.error = exc
+        self.future = None
+        self.ended.set()
+        if self.ticket.done():
+            self.never_connected()
+
+    def never_connected(self) -> None:
+        """The job ended without connecting (it failed to start, or was cancelled)."""
+
+    def outcome(self) -> BaseException | None:
+        """Block until the job is done; its exception, or None."""
+        self.ended.wait()
+        return self.error
+
+
+class RemoteWork(_Job):
+    """An AsyncWork's job in another process: a gate that works across processes, and
+    cancellation passed on through `flag`."""
+
+    def __init__(self, host: str, flag: CancelFlag) -> None:
+        super().__init__(host)
+        flag.add_hook(self.cancel)  # the loop side sets it: pass it on
+
+    def submit_work(
+        self,
+        executor: concurrent.futures.Executor,
+        job: Callable[..., R],
+        execute: Callable[[Any], R],
+        data: Any,
+    ) -> concurrent.futures.Future[R]:
+        self._gated = _is_dask(executor)
+        return self.submit(executor, serve_work, self._gated, job, execute, data)
+
+    def revoke(self) -> bool:
+        """Cancel if the job has not started; True if so.
+
+        A process pool's future says so truly. A Dask future says it cancelled a task
+        that is running, so there the ticket decides: the job waits for START, and a
+        job turned away runs nothing.
+        """
+        future = self.future
+        if future is None:
+            return False  # done already
+        if not self._gated:
+            return future.cancel()
+        if not self.ticket.revoke():
+            return False
+        future.cancel()  # frees its place in the executor's queue, if it still can
+        return True
+
+    def on_connect(self, channel: Channel) -> None:
+        # Closed when the job is done (`_done`); the worker reads until then.
+        if self.ended.is_set():
+            self._close()
+
+    def _done(self, future: concurrent.futures.Future[Any]) -> None:
+        super()._done(future)
+        self._close()
+
+    def _close(self) -> None:
+        with self._lock:
+            channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.close()
+
+
+class RemoteStream(_Job):
+    """A stream's job in another process, and the relay thread that reads its channel.
+
+    `run(body)` is the stream's worker routine: it runs `body` (which returns the
+    function's result or raises its exception) and ends the stream. `emit` is the
+    in-process function's blocking call, which never has to wait here: the credits
+    keep what is sent within its queue.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        emit: Callable[[Any], None],
+        run: Callable[[Callable[[], Any]], None],
+        max_queue_size: int,
+        latest: bool,
+    ) -> None:
+        super().__init__(host)
+        self._emit = emit
+        self._batched = not latest
+        self._run = run
+        self._begun = False
+        self._discarding = False  # the consumer has gone: read on, deliver nothing
+        self._failure: BaseException | None = None
+        self.finished: concurrent.futures.Future[None] = concurrent.futures.Future()
+        # Credits go back in sixteenths of the queue (the worker sends in quarters,
+        # so it has credits again while a batch is on its way: the best of the sizes
+        # tried, see benchmarks/). Never a deadlock: a worker waiting for credits,
+        # with all it sent read, means a whole queue's worth read since the last
+        # return, far more than a sixteenth. The price: while the consumer stalls, the
+        # worker may stop up to a sixteenth of the queue short of the bound.
+        self._owed = 0  # loop thread only
+        self._credit_at = 1 if latest else max(1, max_queue_size // 16)
+        self._credited = latest or max_queue_size > 0
+
+    def start(
+        self,
+        executor: concurrent.futures.Executor,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        max_queue_size: int,
+        latest: bool,
+    ) -> concurrent.futures.Future[None]:
+        """Submit the job; the future is done once the relay has ended the stream."""
+        self.submit(executor, serve_stream, func, args, max_queue_size, latest)
+        return self.finished
+
+    def crediting(
+        self, take: Callable[[], tuple[bool, Y | None]]
+    ) -> Callable[[], tuple[bool, Y | None]]:
+        """`take` (the consumer's read, loop thread), giving the credits back."""
+        if not self._credited:
+            return take
+
+        def take_and_credit() -> tuple[bool, Y | None]:
+            got, item = take()
+            if got:
+                self._owed += 1
+                if self._owed >= self._credit_at:
+                    owed, self._owed = self._owed, 0
+                    channel = self.channel
+                    if channel is not None:
+                        # A write that fails (the worker died) is ignored: the relay
+                        # still reads every frame that arrived before.
+                        channel.tell(CREDIT, owed.to_bytes(4, "big"))
+            return got, item
+
+        return take_and_credit
+
+    def on_connect(self, channel: Channel) -> None:
+        self._begin()
+
+    def never_connected(self) -> None:
+        self._begin()
+
+    def _begin(self) -> None:
+        with self._lock:
+            if self._begun:
+                return
+            self._begun = True
+        threading.Thread(target=self._relay_thread, name="tsfn-relay", daemon=True).start()
+
+    def _relay_thread(self) -> None:
+        try:
+            self._run(self._relay)
+        finally:
+            self.finished.set_result(None)
+
+    def _relay(self) -> Any:
+        """On the relay thread: deliver every item; return or raise the outcome."""
+        channel = self.channel
+        outcome: tuple[int, bytes] | None = None
+        if channel is not None:
+            try:
+                outcome = self._read(channel)
+            except ChannelError as exc:
+                self._failure = self._failure or exc
+                self.cancel()
+            finally:
+                with self._lock:
+                    self.channel = None
+                channel.close()
+        job_error = self.outcome()  # the function has returned, or its process died
+        if self._failure is not None:
+            raise self._failure
+        if outcome is None:
+            raise job_error or ChannelError(
+                "the worker's connection closed before its function returned"
+            )
+        kind, payload = outcome
+        if kind == RESULT:
+            return pickle.loads(payload)
+        raise _rebuild(payload)
+
+    def _read(self, channel: Channel) -> tuple[int, bytes] | None:
+        outcome = None
+        while (frame := channel.recv()) is not None:
+            kind, payload = frame
+            if kind == ITEMS:
+                self._deliver(payload)
+            elif kind in (RESULT, ERROR):
+                outcome = frame
+            else:
+                raise ChannelError(f"a worker sent a frame of unexpected kind {kind}")
+        return outcome
+
+    def _deliver(self, payload: bytes) -> None:
+        if self._discarding:
+            return
+        items: list[Any] = []
+        try:
+            items.extend(_items(payload))
+        except Exception as exc:  # an item that does not unpickle here: the last one
+            self._failure = exc
+        try:
+            if self._batched:
+                self._emit(items)
+            else:
+                for item in items:
+                    self._emit(item)
+        except Closing:
+            # The stream was aborted (the consumer left, the loop shut down).
+            self._discarding = True
+            self.cancel()
+            return
+        if self._failure is not None:
+            self._discarding = True
+            self.cancel()
+
+
+def _items(payload: bytes) -> Iterator[Any]:
+    view = memoryview(payload)
+    start = 0
+    while start < len(view):
+        (size,) = ITEM_SIZE.unpack_from(view, start)
+        start += ITEM_SIZE.size
+        yield pickle.loads(view[start : start + size])
+        start += size
+
+
+def _rebuild(payload: bytes) -> BaseException:
+    """The exception an ERROR frame describes, with the remote traceback as a note."""
+    summary, note, pickled = pickle.loads(payload)
+    exc: BaseException | None = None
+    if pickled is not None:
+        try:
+            exc = pickle.loads(pickled)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = RuntimeError(
+            f"the stream's function raised {summary} (it could not be sent back as itself)"
+        )
+    if sys.version_info >= (3, 11):
+        exc.add_note(note)
+    else:  # notes are only stored (the traceback module shows them from 3.11)
+        vars(exc)["__notes__"] = [*getattr(exc, "__notes__", ()), note]
+    return exc

@@ -1,0 +1,384 @@
+"""The worker process's end of a channel: what a job sent to another process runs.
+
+`serve_stream` runs a stream's function there, `serve_work` an AsyncWork's
+`execute`. Both first connect to the loop's process, present their ticket, and wait
+for START: a job whose consumer is gone (a cancelled work, a retry of a stream) reads
+an end of stream instead and does not run. Then a *receiver* thread reads what the
+loop side sends: CANCEL sets the job's `CancelFlag` (so `tsfn.cancelled()`, the
+token's `wait()` and its hooks work as in-process) and makes `emit` raise `Closing`;
+CREDIT lets `emit` send more. The loop side's end of stream counts as CANCEL: its
+process has gone, or the job is over.
+
+`emit` pickles each item at once (an item that does not pickle raises in the `emit`
+that was given it), batches them, and sends a batch inline, in the thread that calls
+`emit`, when it is full, when the credits run out, or when its first item has waited
+FLUSH_AGE seconds. A sender thread would wait for the GIL up to the interpreter's
+switch interval for each batch; the receiver only sends a batch that aged while the
+function computed without emitting.
+
+Credits keep the bound exact: the loop side gives `max_queue_size` at the start and
+one back per item its consumer has read, so items emitted and not yet read, wherever
+they are (this batch, the sockets, the loop side's queue), never exceed
+`max_queue_size`, and the function, blocked in `emit` with one more item in hand, is
+at most `max_queue_size + 1` ahead. `latest=True` works with one credit: an item
+emitted while the one before is unread waits in a slot, overwritten by newer ones,
+and the receiver sends it when the consumer reads; the last one is always sent.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import socket
+import struct
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ._cancel import CancelFlag, run_with_flag
+from ._channel import (
+    CANCEL,
+    CREDIT,
+    ERROR,
+    IDLE,
+    ITEMS,
+    MAX_FRAME,
+    RESULT,
+    START,
+    Channel,
+    connect,
+)
+from ._errors import Closing, TsfnError
+
+__all__ = ["ITEM_SIZE", "describe", "serve_stream", "serve_work"]
+
+R = TypeVar("R")
+
+# A batch is sent when its first item has waited this long (a guess: well under what
+# a person notices, well over a send's cost; see benchmarks/)...
+FLUSH_AGE = 0.002
+# ...or when it holds this many items or bytes.
+FLUSH_ITEMS = 256
+FLUSH_BYTES = 1 << 20
+
+ITEM_SIZE = struct.Struct("!I")  # each item's pickle in a batch is prefixed by its size
+
+
+class _Link:
+    """A job's channel in the worker: connection, cancel flag, receiver thread.
+
+    The socket is closed by whichever finishes last of the job and the receiver, so
+    that neither uses a closed socket and the receiver reads until the loop side's
+    end of stream (see `Channel`).
+    """
+
+    def __init__(self, address: tuple[str, int], hello: bytes, *, lazy: bool = False) -> None:
+        self._address = address
+        self._hello = hello
+        self.flag = _LazyFlag(self) if lazy else CancelFlag()
+        self.channel: Channel | None = None
+        self._lock = threading.Lock()
+        self._users = 0
+        self._opened = False
+
+    def open_once(self) -> None:
+        """Connect, without waiting for START, unless done already. Any thread.
+
+        If this process cannot reach the loop's any more, the work's result is not
+        wanted either: the flag is set.
+        """
+        if self._opened:
+            return
+        with self._lock:
+            if self._opened:
+                return
+            self._opened = True  # first: the receiver's own flag.set() must not recurse
+        try:
+            self.start(wait=False)
+        except TsfnError:
+            self.flag.set()
+
+    def start(self, sender: _Sender | None = None, *, wait: bool = True) -> bool:
+        """Connect, then wait to be let in: True once START came (then listen).
+
+        Without `wait`, listen at once and return True (the receiver skips START):
+        for a job whose executor's own future tells whether it started.
+        """
+        try:
+            channel = connect(self._address, self._hello)
+        except OSError as exc:
+            raise TsfnError(
+                f"cannot reach the loop's process at {self._address[0]}:{self._address[1]} "
+                f"({exc}); the workers must be able to connect to it"
+            ) from exc
+        frame = channel.recv() if wait else (START, b"")
+        if frame is None or frame[0] != START:
+            channel.close()
+            return False
+        self.channel = channel
+        self._users = 2
+        threading.Thread(
+            target=self._receive, args=(channel, sender), name="tsfn-receiver", daemon=True
+        ).start()
+        return True
+
+    def _receive(self, channel: Channel, sender: _Sender | None) -> None:
+        try:
+            while True:
+                frame = channel.recv(FLUSH_AGE if sender is not None else None)
+                if frame is None:
+                    break
+                kind, payload = frame
+                if kind == START:
+                    pass  # not waited for (see start)
+                elif kind == CANCEL:
+                    self._cancel(sender)
+                elif kind == CREDIT and sender is not None:
+                    sender.credit(int.from_bytes(payload, "big"))
+                elif kind == IDLE and sender is not None:
+                    sender.flush_stale()
+        except OSError:
+            pass  # the connection broke: as an end of stream
+        finally:
+            self._cancel(sender)
+            self._release()
+
+    def _cancel(self, sender: _Sender | None) -> None:
+        if sender is not None:
+            sender.close()
+        self.flag.set()
+
+    def finish(self) -> None:
+        """The job is through: nothing more to send; close unless the receiver reads on."""
+        if self.channel is not None:
+            self.channel.end()
+            self._release()
+
+    def _release(self) -> None:
+        assert self.channel is not None
+        with self._lock:
+            self._users -= 1
+            last = self._users == 0
+        if last:
+            self.channel.close()
+
+
+_IS_SET = CancelFlag.__dict__["is_set"]  # the slot's descriptor
+
+
+class _LazyFlag(CancelFlag):
+    """A work's flag that connects its channel the first time anyone looks at it.
+
+    A work that never asks `tsfn.cancelled()` (nor waits, nor hooks) then costs no
+    connection at all; one that asks is connected from then on, and sees a
+    cancellation made before it asked once CANCEL has arrived, a moment later.
+    """
+
+    __slots__ = ("_link",)
+
+    def __init__(self, link: _Link) -> None:
+        super().__init__()
+        self._link = link
+
+    @property
+    def is_set(self) -> bool:
+        self._link.open_once()
+        value: bool = _IS_SET.__get__(self)
+        return value
+
+    @is_set.setter
+    def is_set(self, value: bool) -> None:
+        _IS_SET.__set__(self, value)
+
+
+class _Sender:
+    """`emit` in the worker: batches, credits, the `latest` slot (see the module doc)."""
+
+    def __init__(self, max_queue_size: int, latest: bool) -> None:
+        self.channel: Channel | None = None
+        self._cond = threading.Condition(threading.Lock())
+        self._latest = latest
+        # None: unbounded. A batch is a quarter of the queue (see _relay.py's credits).
+        self._credits: int | None = 1 if latest else (max_queue_size or None)
+        self._flush_at = (
+            FLUSH_ITEMS
+            if latest or not max_queue_size
+            else min(FLUSH_ITEMS, max(1, max_queue_size // 4))
+        )
+        self._batch: list[bytes] = []
+        self._count = 0
+        self._bytes = 0
+        self._since = 0.0
+        self._slot: bytes | None = None
+        self._closing = False
+        self.emit: Callable[[Any], None] = self._offer if latest else self._put
+
+    def _put(self, item: Any) -> None:
+        data = _dump(item)
+        with self._cond:
+            while True:
+                if self._closing:
+                    raise Closing("the stream's consumer has gone")
+                if self._credits != 0:
+                    break
+                self._flush()
+                if not self._closing:
+                    self._cond.wait()
+            if self._credits is not None:
+                self._credits -= 1
+            if not self._count:
+                self._since = time.monotonic()
+            self._batch.append(data)
+            self._count += 1
+            self._bytes += len(data)
+            if (
+                self._count >= self._flush_at
+                or self._credits == 0
+                or self._bytes >= FLUSH_BYTES
+                or time.monotonic() - self._since >= FLUSH_AGE
+            ):
+                self._flush()
+
+    def _offer(self, item: Any) -> None:
+        data = _dump(item)
+        with self._cond:
+            if self._closing:
+                raise Closing("the stream's consumer has gone")
+            if self._credits:
+                self._credits = 0
+                self._send(ITEMS, data)
+            else:
+                self._slot = data
+
+    def credit(self, count: int) -> None:
+        """On the receiver thread: the consumer has read `count` more items."""
+        with self._cond:
+            if not self._latest:
+                assert self._credits is not None
+                self._credits += count
+                self._cond.notify()
+            elif self._slot is not None:
+                slot, self._slot = self._slot, None
+                self._send(ITEMS, slot)
+            else:
+                self._credits = 1
+
+    def flush_stale(self) -> None:
+        """On the receiver thread: send a batch whose first item waited too long."""
+        with self._cond:
+            if self._count and time.monotonic() - self._since >= FLUSH_AGE:
+                self._flush()
+
+    def close(self) -> None:
+        """The consumer has gone: every later `emit` raises Closing."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+
+    def finish(self, kind: int, payload: bytes) -> None:
+        """The function has returned (RESULT) or raised (ERROR): send what is left."""
+        with self._cond:
+            self._flush()
+            if self._slot is not None:
+                slot, self._slot = self._slot, None
+                self._send(ITEMS, slot)
+            self._send(kind, payload)
+
+    def _flush(self) -> None:
+        # Under the lock.
+        if self._count:
+            payload = b"".join(self._batch)
+            self._batch.clear()
+            self._count = self._bytes = 0
+            self._send(ITEMS, payload)
+
+    def _send(self, kind: int, payload: bytes) -> None:
+        # Under the lock. A broken connection means the loop side has gone.
+        assert self.channel is not None
+        if not self.channel.tell(kind, payload):
+            self._closing = True
+
+
+def _dump(item: Any) -> bytes:
+    data = pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
+    if len(data) > MAX_FRAME // 2:
+        raise ValueError(
+            f"an emitted item pickles to {len(data)} bytes, more than a channel's "
+            f"frame takes ({MAX_FRAME // 2}); emit smaller items"
+        )
+    return ITEM_SIZE.pack(len(data)) + data
+
+
+def describe(exc: BaseException) -> bytes:
+    """An ERROR frame's payload: the exception pickled if it pickles, and its text.
+
+    The outer pickle holds only strings and bytes, so the loop side can always read
+    it, and the traceback text, even when the exception's own class does not load.
+    """
+    where = f"process {os.getpid()} on {socket.gethostname()}"
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    summary = f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
+    try:
+        pickled: bytes | None = pickle.dumps(exc, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        pickled = None
+    return pickle.dumps((summary, f"Remote traceback ({where}):\n{text}", pickled))
+
+
+def serve_stream(
+    address: tuple[str, int],
+    hello: bytes,
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    max_queue_size: int,
+    latest: bool,
+) -> None:
+    """In the worker: run ``func(emit, *args)``, sending items and outcome back."""
+    sender = _Sender(max_queue_size, latest)
+    link = _Link(address, hello)
+    if not link.start(sender):
+        raise TsfnError(
+            "this stream's consumer is not waiting for this job: a stream runs once "
+            "(was it retried after its worker died?)"
+        )
+    sender.channel = link.channel
+    try:
+        try:
+            result = run_with_flag(link.flag, functools.partial(func, sender.emit, *args))
+        except BaseException as exc:  # re-raised in the consumer, after the items
+            sender.finish(ERROR, describe(exc))
+        else:
+            try:
+                payload = pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:
+                sender.finish(ERROR, describe(exc))
+            else:
+                sender.finish(RESULT, payload)
+    finally:
+        link.finish()
+
+
+def serve_work(
+    address: tuple[str, int],
+    hello: bytes,
+    gated: bool,
+    job: Callable[[Callable[[], bool] | None, CancelFlag, Callable[[Any], R], Any], R],
+    execute: Callable[[Any], R],
+    data: Any,
+) -> R:
+    """In the worker: ``job(start, flag, execute, data)``, `flag` set by the channel.
+
+    `job` is AsyncWork's own (it runs `execute` unless `start()` says the work was
+    cancelled first); its outcome travels back through the executor, as without a
+    channel. `gated`: connect and wait for START first, as the executor's future
+    cannot be trusted to say whether the job started (Dask's); otherwise run at once
+    and connect only if the work looks at its cancellation (`_LazyFlag`).
+    """
+    link = _Link(address, hello, lazy=not gated)
+    try:
+        return job(link.start if gated else None, link.flag, execute, data)
+    finally:
+        link.finish()
