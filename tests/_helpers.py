@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
+
+import anyio
+import anyio.to_thread
 
 import tsfn
+from tsfn._running import running_port
 
 # Generous: a correct test never waits this long, a broken one fails instead of hanging.
 WAIT = 10.0
@@ -65,17 +70,22 @@ def join_all(threads: Iterable[threading.Thread], wait: float = WAIT) -> None:
 
 async def join_all_from_loop(threads: Iterable[threading.Thread], wait: float = WAIT) -> None:
     """`join_all` without blocking the loop, which the threads may need."""
-    await asyncio.get_running_loop().run_in_executor(None, join_all, list(threads), wait)
+    await anyio.to_thread.run_sync(join_all, list(threads), wait)
 
 
-def set_from_worker(event: asyncio.Event) -> Callable[[], None]:
-    """A function a worker thread calls to set `event` on the loop (the only safe way)."""
-    loop = asyncio.get_running_loop()
+def set_from_worker(event: _Settable) -> Callable[[], None]:
+    """A function a worker thread calls to set `event` (an `anyio.Event`, or the running
+    loop's own) on the loop: the only safe way, on every loop."""
+    port = running_port("set_from_worker")
 
     def signal() -> None:
-        loop.call_soon_threadsafe(event.set)
+        port.call_soon_threadsafe(event.set)
 
     return signal
+
+
+class _Settable(Protocol):
+    def set(self) -> object: ...
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -84,8 +94,9 @@ async def until(condition: Callable[[], bool]) -> None:
     Polled, because other threads make it true; what the test then checks does not
     depend on how long this took.
     """
-    while not condition():  # noqa: ASYNC110 - set by threads, which cannot set an asyncio.Event
-        await asyncio.sleep(0.001)
+    with anyio.fail_after(WAIT):
+        while not condition():  # noqa: ASYNC110 - set by threads, which cannot set an Event
+            await anyio.sleep(0.001)
 
 
 def wait_until(condition: Callable[[], bool]) -> None:
@@ -105,8 +116,18 @@ def blocked_callers(fn: tsfn.ThreadsafeFunction[Any]) -> int:
 
 
 @contextlib.contextmanager
-def loop_errors(loop: asyncio.AbstractEventLoop) -> Iterator[list[dict[str, Any]]]:
-    """Collect what reaches the loop's exception handler."""
+def loop_errors(loop: asyncio.AbstractEventLoop | None = None) -> Iterator[list[dict[str, Any]]]:
+    """Collect the errors tsfn reports, as dicts with "message" and "exception".
+
+    Given an asyncio `loop` (or on the running asyncio loop): what reaches the loop's
+    exception handler. On trio, which has no such handler: what tsfn logs to the
+    `tsfn` logger (see docs/trio.md).
+    """
+    if loop is None and asyncio_loop() is None:
+        with _logged_errors() as logged:
+            yield logged
+        return
+    loop = loop or asyncio.get_running_loop()
     errors: list[dict[str, Any]] = []
     previous = loop.get_exception_handler()
     loop.set_exception_handler(lambda _loop, context: errors.append(context))
@@ -114,3 +135,26 @@ def loop_errors(loop: asyncio.AbstractEventLoop) -> Iterator[list[dict[str, Any]
         yield errors
     finally:
         loop.set_exception_handler(previous)
+
+
+def asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop, or None (on trio)."""
+    return asyncio._get_running_loop()
+
+
+@contextlib.contextmanager
+def _logged_errors() -> Iterator[list[dict[str, Any]]]:
+    errors: list[dict[str, Any]] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            exc = record.exc_info[1] if record.exc_info else None
+            errors.append({**record.__dict__, "message": record.getMessage(), "exception": exc})
+
+    handler = Collect(logging.ERROR)
+    logger = logging.getLogger("tsfn")
+    logger.addHandler(handler)
+    try:
+        yield errors
+    finally:
+        logger.removeHandler(handler)
