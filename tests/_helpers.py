@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
 
 import tsfn
 from tsfn._running import running_port
+
+T = TypeVar("T")
 
 # Generous: a correct test never waits this long, a broken one fails instead of hanging.
 WAIT = 10.0
@@ -71,6 +74,12 @@ def join_all(threads: Iterable[threading.Thread], wait: float = WAIT) -> None:
 async def join_all_from_loop(threads: Iterable[threading.Thread], wait: float = WAIT) -> None:
     """`join_all` without blocking the loop, which the threads may need."""
     await anyio.to_thread.run_sync(join_all, list(threads), wait)
+
+
+async def result_of(future: concurrent.futures.Future[T]) -> T:
+    """Await a `concurrent.futures.Future` on any loop (`asyncio.wrap_future` needs
+    asyncio): a worker thread waits for it, failing (not hanging) after WAIT."""
+    return await anyio.to_thread.run_sync(future.result, WAIT)
 
 
 def set_from_worker(event: _Settable) -> Callable[[], None]:
