@@ -77,7 +77,8 @@ class ParkedPool:
 
     def unpark(self) -> None:
         self._gate.set()
-        self._unpark_default()
+        unpark_default, self._unpark_default = self._unpark_default, lambda: None
+        unpark_default()  # once: close() unparks again
 
     def close(self) -> None:
         self.unpark()
@@ -94,11 +95,11 @@ def parked_pool(kind: str) -> Iterator[ParkedPool]:
 
 
 def park_the_default(pool: concurrent.futures.ThreadPoolExecutor) -> Callable[[], None]:
-    """Make `pool` (one parked worker) the default of works created without an executor.
+    """Park the workers of works created without an executor; return what unparks them.
 
+    On asyncio `pool`, its one worker parked, becomes the loop's default executor.
     trio has no default executor: such works run on trio's threads, each holding a
     token of trio's default `CapacityLimiter`, so there every token is taken instead.
-    Returns what gives them back.
     """
     if asyncio_loop() is not None:
         use_as_default(pool)
@@ -107,12 +108,10 @@ def park_the_default(pool: concurrent.futures.ThreadPoolExecutor) -> Callable[[]
     total, borrower = limiter.total_tokens, object()
     limiter.acquire_on_behalf_of_nowait(borrower)
     limiter.total_tokens = 1
-    held = [True]
 
     def give_back() -> None:
-        if held.pop(0) if held else False:  # unpark() and close() both give back
-            limiter.release_on_behalf_of(borrower)
-            limiter.total_tokens = total
+        limiter.release_on_behalf_of(borrower)
+        limiter.total_tokens = total
 
     return give_back
 
@@ -374,7 +373,7 @@ def test_cancel_after_a_bare_loop_close_raises_nothing(
 # -- executors ---------------------------------------------------------------------------
 
 
-@pytest.mark.asyncio_only("trio has no default executor to set")
+@pytest.mark.asyncio_only("trio has no default executor (test_trio.py checks its threads)")
 async def test_the_loops_default_executor_is_honoured() -> None:
     with concurrent.futures.ThreadPoolExecutor(thread_name_prefix="my-default") as pool:
         asyncio.get_running_loop().set_default_executor(pool)
