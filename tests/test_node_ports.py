@@ -44,11 +44,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import pytest
 from _helpers import WAIT, Worker, loop_errors, start
 from _loops import LoopFactory
 
 import tsfn
+from tsfn._loop import Port
+from tsfn._running import running_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
@@ -141,7 +145,7 @@ class Binding:
         self.finalize_js: Callable[[], None] | None = None
         self.alt_ref: Callable[[object], None] | None = None
         self.fn: tsfn.ThreadsafeFunction[Any] | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.port: Port | None = None  # the running loop's, for setImmediate
 
     def fatal(self, message: str) -> None:
         self.fatal_errors.append(message)
@@ -149,7 +153,7 @@ class Binding:
     # -- StartThread* / StopThread ---------------------------------------------------------
 
     def start(self, js_callback: Callable[[object], None]) -> None:
-        self.loop = asyncio.get_running_loop()
+        self.port = running_port("Binding.start")
         marshal = self.starter.marshal
         if marshal == "alt_ref":
             self.alt_ref = js_callback  # the JS function, kept apart from the function
@@ -196,9 +200,9 @@ class Binding:
         else:
             callback(data)
         if isinstance(data, int) and data in self.chances:
-            assert self.loop is not None
+            assert self.port is not None
             # After this item, and after whatever this turn scheduled (setImmediate).
-            self.loop.call_soon(self.chances[data].set)
+            self.port.call_soon(self.chances[data].set)
 
     def join_the_threads(self, context: object) -> None:
         self.finalizer_calls += 1
@@ -293,8 +297,8 @@ async def with_js_marshaller(
     Node stops the thread from `setImmediate` (the next loop turn); node-addon-api's
     port calls stopThread inside the callback itself (`stop_in_callback`).
     """
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[list[object]] = loop.create_future()
+    port = running_port("with_js_marshaller")
+    done = anyio.Event()
     array: list[object] = []
     binding = Binding(
         starter,
@@ -310,23 +314,23 @@ async def with_js_marshaller(
         if len(array) == quit_after:
 
             def stop() -> None:
-                binding.stop_thread(lambda: done.set_result(array), abort)
+                binding.stop_thread(done.set, abort)
 
             if stop_in_callback:
                 stop()
             else:
-                loop.call_soon(stop)  # setImmediate
+                port.call_soon(stop)  # setImmediate
 
     binding.start(test_callback)
     # Node busy-waits 200 ms here so the queue fills; we wait until it has.
     # Blocking the loop thread is the point: nothing drains meanwhile.
     if not starter.block and not binding.queue_was_full.wait(WAIT):
         binding.fatal("the non-blocking producer never found the queue full")
-    result = await done
+    await done.wait()
     for _ in range(3):  # a second finalizer call would come on a later turn
-        await asyncio.sleep(0)
+        await anyio.lowlevel.checkpoint()
     binding.check()
-    return result, binding
+    return array, binding
 
 
 def assert_could_not_finish(result: list[object], binding: Binding, length: int) -> None:
@@ -680,7 +684,7 @@ async def test_T16_T17_callback_then_finalizer_exceptions_reach_the_handler_in_o
         calls.append("finalizer")
         raise finalizer_error
 
-    with loop_errors(asyncio.get_running_loop()) as reported:
+    with loop_errors() as reported:
         fn: tsfn.ThreadsafeFunction[None] = tsfn.ThreadsafeFunction(
             callback, finalizer=finalizer, name="resource_name"
         )
@@ -737,7 +741,7 @@ class Shutdown:
 
     async def main(self) -> None:
         delivered = 0
-        enough = asyncio.Event()
+        enough = anyio.Event()
 
         def call_js(loop: object, callback: object, context: object, data: int) -> None:
             nonlocal delivered
@@ -835,7 +839,7 @@ async def test_T23a_releasing_every_count_finalizes_exactly_once(
             assert worker.error is None
     await fn.wait_closed()
     for _ in range(3):
-        await asyncio.sleep(0)
+        await anyio.lowlevel.checkpoint()
     assert finalized == ["ctx"]
     assert never_called == []
 
@@ -854,7 +858,7 @@ async def test_T23b_calls_after_abort_raise_closing_and_finalize_exactly_once() 
             fn.call_nowait(None)
     await fn.wait_closed()
     for _ in range(3):
-        await asyncio.sleep(0)
+        await anyio.lowlevel.checkpoint()
     assert finalized == [None]
     assert never_called == []
 
@@ -1041,7 +1045,7 @@ async def test_E1_E2_an_exception_in_the_callback_or_call_js_is_reported_once(
         calls.append(args)
         raise error
 
-    with loop_errors(asyncio.get_running_loop()) as reported:
+    with loop_errors() as reported:
         if thrower == "callback":
             fn: tsfn.ThreadsafeFunction[None] = tsfn.ThreadsafeFunction(raising)
         else:
@@ -1063,9 +1067,13 @@ async def test_X1_to_X4_release_from_inside_call_js_delivers_then_finalizes(
 ) -> None:
     """call_js releases the function while it is being delivered to; the finalizer
     then resolves the test with what call_js saw (a number, or None without data)."""
-    loop = asyncio.get_running_loop()
-    resolved: asyncio.Future[object] = loop.create_future()
+    resolved = anyio.Event()
+    resolved_with: list[object] = []
     context: dict[str, object] = {}
+
+    def resolve(ctx: dict[str, object]) -> None:
+        resolved_with.append(ctx["data"])
+        resolved.set()
 
     def call_js(loop: object, callback: object, ctx: dict[str, object], data: object) -> None:
         assert loop is not None
@@ -1075,7 +1083,7 @@ async def test_X1_to_X4_release_from_inside_call_js_delivers_then_finalizes(
     fn: tsfn.ThreadsafeFunction[object] = tsfn.ThreadsafeFunction(
         call_js=call_js,
         context=context,
-        finalizer=lambda ctx: resolved.set_result(ctx["data"]),
+        finalizer=resolve,
     )
 
     def call() -> None:
@@ -1085,7 +1093,8 @@ async def test_X1_to_X4_release_from_inside_call_js_delivers_then_finalizes(
             fn.call(block=block)
 
     start(call).join(WAIT)
-    assert await resolved == (42 if with_data else None)
+    await resolved.wait()
+    assert resolved_with == [42 if with_data else None]
     assert fn.closed
     with pytest.raises(tsfn.Closing):
         fn.call(1)
@@ -1101,11 +1110,10 @@ async def test_S1_to_S3_five_threads_sum_to_ten(when: str, tiny_switch_interval:
     """S1: threads exist first and get the function later; S2: they get it at start
     (initial_thread_count=5, each releases). S3: each acquires its own count, and the
     main thread releases its one after all five calls arrived."""
-    loop = asyncio.get_running_loop()
     calls: list[int] = []
     handed_over = threading.Event()
     holder: list[tsfn.ThreadsafeFunction[int]] = []
-    all_arrived = asyncio.Event()
+    all_arrived = anyio.Event()
 
     def callback(thread_id: int) -> None:
         calls.append(thread_id)
@@ -1140,6 +1148,5 @@ async def test_S1_to_S3_five_threads_sum_to_ten(when: str, tiny_switch_interval:
     for worker in workers:
         worker.join(WAIT)
         assert worker.error is None
-    assert loop.is_running()
     assert sorted(calls) == list(range(SUM_THREADS))
     assert sum(calls) == 10
