@@ -40,14 +40,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
-from _helpers import WAIT, Worker, loop_errors, start
+from _helpers import WAIT, Worker, asyncio_loop, loop_errors, start
 from _loops import LoopFactory
 
 import tsfn
@@ -55,6 +55,9 @@ from tsfn._loop import Port
 from tsfn._running import running_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
+
+# The `run_on_new_loop` fixture: run main() on a new loop of each kind, to its end.
+RunOnNewLoop = Callable[[Callable[[], Awaitable[None]]], None]
 
 
 ARRAY_LENGTH = 10_000  # binding.c
@@ -486,29 +489,21 @@ async def test_T14_unbounded_abort_after_the_first_value_discards_the_rest() -> 
 # -- T11, T15: testUnref, and node-addon-api's U1, U2 (child processes) -----------------
 
 CHILD = r"""
-import asyncio
 import sys
 import threading
 
 import tsfn
+from tsfn._running import running_port
 
 
 def say(*words):
     print(*words, flush=True)
 
 
-def new_loop():
-    if sys.argv[2] == "uvloop":
-        import uvloop
-
-        return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
-
-
 async def teardown_after_unref(max_queue_size):
     # common-threadsafe.js's child: StartThread(abort=false, secondary=true),
     # Release() at once, Unref() after the second value; never released otherwise.
-    loop = asyncio.get_running_loop()
+    port = running_port("the child")
     chances = {i: threading.Event() for i in range(0, 10000, 1000)}
     threads = []
     values = 0
@@ -520,7 +515,7 @@ async def teardown_after_unref(max_queue_size):
         if values == 2:
             fn.unref()
         if value in chances:
-            loop.call_soon(chances[value].set)
+            port.call_soon(chances[value].set)
 
     def join_the_threads(context):
         for chance in chances.values():
@@ -574,23 +569,33 @@ async def ref_keeps_running():
     fn.call()
     fn.unref()
     fn.ref()
-    asyncio.get_running_loop().call_later(0.2, say, "still running")
+    # A timer thread, not one of the loop's: any loop kind runs what it schedules.
+    later = threading.Timer(0.2, running_port("the child").call_soon_threadsafe, [still])
+    later.daemon = True
+    later.start()
     say("main returned")
 
 
-scenario = sys.argv[1]
+def still():
+    say("still running")
+
+
+scenario, loop = sys.argv[1], sys.argv[2]
 if scenario == "unref":
-    main = teardown_after_unref(int(sys.argv[3]))
+    main, args = teardown_after_unref, [int(sys.argv[3])]
 elif scenario == "unref-without-release":
-    main = unref_without_release()
+    main, args = unref_without_release, []
 else:
-    main = ref_keeps_running()
-tsfn.run(main, loop_factory=new_loop)
+    main, args = ref_keeps_running, []
+if loop == "trio":
+    tsfn.run(main, *args, backend="trio")
+else:
+    tsfn.run(main, *args, backend_options={"use_uvloop": loop == "uvloop"})
 say("exit")
 """
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
+@pytest.fixture(params=["asyncio", "uvloop", "trio"])
 def child_loop(request: pytest.FixtureRequest) -> str:
     if request.param == "uvloop":
         pytest.importorskip("uvloop")
@@ -665,7 +670,8 @@ def test_U2_ref_after_unref_keeps_the_process_running(child_loop: str) -> None:
 
 async def test_T16_T17_callback_then_finalizer_exceptions_reach_the_handler_in_order() -> None:
     """CallIntoModule: one call, one release. The callback's exception reaches the loop's
-    handler first, the finalizer's second (Node: 'uncaughtException', twice).
+    handler first, the finalizer's second (Node: 'uncaughtException', twice). On trio,
+    which has no such handler, "the handler" is the `tsfn` logger (docs/trio.md).
 
     T18/T19 are Node's legacy policy that swallows both; tsfn has no such mode, so
     they have no port: exceptions always reach the handler.
@@ -699,7 +705,7 @@ async def test_T16_T17_callback_then_finalizer_exceptions_reach_the_handler_in_o
 
 
 def test_T20_abort_hands_the_queued_item_to_call_js_once_before_the_finalizer(
-    loop_factory: LoopFactory,
+    run_on_new_loop: RunOnNewLoop,
 ) -> None:
     """call(), unref(), abort() in one turn: call_js gets the item once, as a discard
     (loop and callback None), and only then does the finalizer run; the run ends."""
@@ -720,7 +726,7 @@ def test_T20_abort_hands_the_queued_item_to_call_js_once_before_the_finalizer(
         fn.unref()
         fn.abort()
 
-    tsfn.run(main(), loop_factory=loop_factory)
+    run_on_new_loop(main)
     assert events == [("call_js", None, None, context, "item"), ("finalizer", context)]
 
 
@@ -787,10 +793,10 @@ class Shutdown:
 
 
 def test_T21_32_threads_calling_at_loop_shutdown_all_see_closing(
-    loop_factory: LoopFactory,
+    run_on_new_loop: RunOnNewLoop,
 ) -> None:
     scenario = Shutdown(pace=0.001, max_queue_size=0)
-    tsfn.run(scenario.main(), loop_factory=loop_factory)
+    run_on_new_loop(scenario.main)
     scenario.check()
 
 
@@ -865,7 +871,7 @@ async def test_T23b_calls_after_abort_raise_closing_and_finalize_exactly_once() 
 
 @pytest.mark.parametrize("whose_finalizer", ["another-functions", "its-own"])
 def test_T24_abort_and_release_from_a_finalizer_at_teardown_do_not_reenter(
-    loop_factory: LoopFactory, whose_finalizer: str
+    run_on_new_loop: RunOnNewLoop, whose_finalizer: str
 ) -> None:
     """reentrant_release: an unreferenced function, never released, is aborted and
     released from a finalizer that runs while the loop tears down."""
@@ -881,9 +887,9 @@ def test_T24_abort_and_release_from_a_finalizer_at_teardown_do_not_reenter(
             raised.append(exc)
 
     async def main() -> None:
-        asyncio.get_running_loop().set_exception_handler(
-            lambda _loop, context: reported.append(context)
-        )
+        # The loop's handler, set for the whole run: teardown comes after main returns.
+        if (loop := asyncio_loop()) is not None:
+            loop.set_exception_handler(lambda _loop, context: reported.append(context))
 
         def fn_finalizer(context: object) -> None:
             finalized.append("fn")
@@ -904,9 +910,11 @@ def test_T24_abort_and_release_from_a_finalizer_at_teardown_do_not_reenter(
             )
             holder.unref()
 
-    tsfn.run(main(), loop_factory=loop_factory)
+    with loop_errors() as logged:  # no loop yet: what tsfn logs, as it does on trio
+        run_on_new_loop(main)
     assert raised == []
     assert reported == []
+    assert logged == []
     assert finalized.count("fn") == 1
 
 
@@ -1037,7 +1045,8 @@ async def test_E1_E2_an_exception_in_the_callback_or_call_js_is_reported_once(
     thrower: str,
 ) -> None:
     """E1: the JS callback throws; E2: the native call_js throws. Either way exactly
-    one report to the loop's handler, with that exception, and one call."""
+    one report to the loop's handler (trio: the `tsfn` logger), with that exception,
+    and one call."""
     error = ValueError(f"test-from-{thrower}")
     calls: list[object] = []
 
