@@ -7,8 +7,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -18,6 +18,11 @@ from tsfn._running import running_port
 
 # Generous: a correct test never waits this long, a broken one fails instead of hanging.
 WAIT = 10.0
+
+R = TypeVar("R")
+
+# The `anyio_backend` fixture's value: ("asyncio", {"use_uvloop": ...}) or ("trio", {}).
+Backend = tuple[str, dict[str, Any]]
 
 
 class Boom(Exception):
@@ -82,6 +87,13 @@ def set_from_worker(event: _Settable) -> Callable[[], None]:
         port.call_soon_threadsafe(event.set)
 
     return signal
+
+
+def run_on(backend: Backend, main: Callable[..., Awaitable[R]], *args: Any) -> R:
+    """`tsfn.run(main, *args)` on a new loop of the kind `backend` names (a sync test
+    that takes `anyio_backend` runs it on each loop, trio included)."""
+    name, options = backend
+    return tsfn.run(main, *args, backend=name, backend_options=options)
 
 
 class _Settable(Protocol):
