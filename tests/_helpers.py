@@ -96,6 +96,15 @@ def run_on(backend: Backend, main: Callable[..., Awaitable[R]], *args: Any) -> R
     return tsfn.run(main, *args, backend=name, backend_options=options)
 
 
+def loop_factory_of(backend: Backend) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The factory of the asyncio loop an asyncio `backend` names (uvloop's or asyncio's)."""
+    if backend[1].get("use_uvloop"):
+        import uvloop
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
 class _Settable(Protocol):
     def set(self) -> object: ...
 
