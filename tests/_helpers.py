@@ -12,6 +12,8 @@ from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
+import trio
+from _loops import asyncio_run
 
 import tsfn
 from tsfn._running import running_port
@@ -103,6 +105,14 @@ def loop_factory_of(backend: Backend) -> Callable[[], asyncio.AbstractEventLoop]
 
         return uvloop.new_event_loop
     return asyncio.new_event_loop
+
+
+def run_to_end(backend: Backend, main: Callable[[], Awaitable[R]]) -> R:
+    """Run `main()` on a new loop of the kind `backend` names to the end, as the loop's
+    own runner does (asyncio.run's steps, or `trio.run`)."""
+    if backend[0] == "trio":
+        return trio.run(main)
+    return asyncio_run(main(), loop_factory_of(backend))  # type: ignore[arg-type]
 
 
 class _Settable(Protocol):
