@@ -3,11 +3,12 @@
 Every scenario runs under each way a loop can end (`ENDINGS`) and on each loop kind
 (`anyio_backend`: asyncio's loop, uvloop, trio):
 
-- ``run``: the loop's own runner returns. ``asyncio.run`` (on 3.10 without a loop
-  factory, the same steps by hand): tasks are cancelled, then async generators are
-  shut down (tsfn's hook: open functions are aborted, finalizers run), then the
-  default executor is joined. ``trio.run``: once `main` has returned, trio cancels
-  its system tasks, and tsfn's aborts the open functions, finalizers included.
+- ``run``: the loop's own runner returns. ``asyncio.run`` (uvloop's before 3.12,
+  which takes no loop factory: an asyncio.Runner, as below): tasks are cancelled,
+  then async generators are shut down (tsfn's hook: open functions are aborted,
+  finalizers run), then the default executor is joined. ``trio.run``: once `main`
+  has returned, trio cancels its system tasks, and tsfn's aborts the open
+  functions, finalizers included.
 - ``asyncio.Runner`` closes (on 3.10, which has no Runner, the same steps by hand):
   as asyncio.run. Asyncio only.
 - ``tsfn.run`` ends because `main` raised: it shuts the loop down at once, with
@@ -25,11 +26,11 @@ delivered or discarded exactly once (where the finalizer can run); finalizers an
 thread has finished when the test ends.
 
 Further down, the same promises without the `ENDINGS` matrix: one function fed by one
-producer as `asyncio.run` or an `asyncio.Runner` ends, a function created by an
-executor job during the shutdown, and what a function whose loop was closed directly
-still refuses and allows. Those that step an asyncio loop by hand (a loop closed
-directly, a Runner between runs, a subclass of the loop, its first-iteration hook)
-are asyncio's by nature and take `loop_factory`.
+producer as the loop's runner (on every loop) or an `asyncio.Runner` ends, a function
+created by an executor job during the shutdown, and what a function whose loop was
+closed directly still refuses and allows. Those that step an asyncio loop by hand (a
+loop closed directly, a Runner between runs, a subclass of the loop, its
+first-iteration hook) are asyncio's by nature and take `loop_factory`.
 """
 
 from __future__ import annotations
