@@ -8,11 +8,13 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
+import trio
+from _loops import asyncio_run
 
 import tsfn
 from tsfn._running import running_port
@@ -21,6 +23,11 @@ T = TypeVar("T")
 
 # Generous: a correct test never waits this long, a broken one fails instead of hanging.
 WAIT = 10.0
+
+R = TypeVar("R")
+
+# The `anyio_backend` fixture's value: ("asyncio", {"use_uvloop": ...}) or ("trio", {}).
+Backend = tuple[str, dict[str, Any]]
 
 
 class Boom(Exception):
@@ -91,6 +98,30 @@ def set_from_worker(event: _Settable) -> Callable[[], None]:
         port.call_soon_threadsafe(event.set)
 
     return signal
+
+
+def run_on(backend: Backend, main: Callable[..., Awaitable[R]], *args: Any) -> R:
+    """`tsfn.run(main, *args)` on a new loop of the kind `backend` names (a sync test
+    that takes `anyio_backend` runs it on each loop, trio included)."""
+    name, options = backend
+    return tsfn.run(main, *args, backend=name, backend_options=options)
+
+
+def loop_factory_of(backend: Backend) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The factory of the asyncio loop an asyncio `backend` names (uvloop's or asyncio's)."""
+    if backend[1].get("use_uvloop"):
+        import uvloop
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+def run_to_end(backend: Backend, main: Callable[[], Awaitable[R]]) -> R:
+    """Run `main()` on a new loop of the kind `backend` names to the end, as the loop's
+    own runner does (asyncio.run's steps, or `trio.run`)."""
+    if backend[0] == "trio":
+        return trio.run(main)
+    return asyncio_run(main(), loop_factory_of(backend))  # type: ignore[arg-type]
 
 
 class _Settable(Protocol):

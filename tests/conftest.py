@@ -20,6 +20,7 @@ that manage a loop themselves (shutdown, `tsfn.run`) take `loop_factory`, or
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -27,8 +28,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 import pytest
-import trio
-from _loops import asyncio_run
+from _helpers import Backend, loop_factory_of, run_to_end
 
 uvloop: ModuleType | None
 try:
@@ -44,23 +44,27 @@ if uvloop is not None:
 
 
 _ALL_LOOPS: list[Any] = [*_LOOPS, pytest.param("trio", id="trio")]
+# What anyio's plugin takes for each loop (its `anyio_backend` form), by test id.
+_BACKENDS: dict[str, Backend] = {
+    "asyncio": ("asyncio", {"use_uvloop": False}),
+    "uvloop": ("asyncio", {"use_uvloop": True}),
+    "trio": ("trio", {}),
+}
+_FACTORIES = {
+    name: loop_factory_of(_BACKENDS[name]) for name in ("asyncio", "uvloop")[: len(_LOOPS)]
+}
 
 
 @pytest.fixture(params=_ALL_LOOPS)
-def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
-    if request.param == "trio":
-        return ("trio", {})
-    return ("asyncio", {"use_uvloop": request.param == "uvloop"})
+def anyio_backend(request: pytest.FixtureRequest) -> Backend:
+    return _BACKENDS[request.param]
 
 
 @pytest.fixture(params=_ALL_LOOPS)
 def run_on_new_loop(request: pytest.FixtureRequest) -> Callable[[Callable[[], Awaitable[R]]], R]:
     """Run `main()` on a new loop of each kind to the end, as the loop's own runner
     does (asyncio.run's steps on asyncio and uvloop, `trio.run` on trio)."""
-    if request.param == "trio":
-        return trio.run
-    factory = _FACTORIES[request.param]
-    return lambda main: asyncio_run(main(), factory)  # type: ignore[arg-type]
+    return functools.partial(run_to_end, _BACKENDS[request.param])
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -72,11 +76,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             continue
         if "trio" in (params.params.get("anyio_backend"), params.params.get("run_on_new_loop")):
             item.add_marker(pytest.mark.skip(reason=f"asyncio only: {marker.args[0]}"))
-
-
-_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
-if uvloop is not None:
-    _FACTORIES["uvloop"] = uvloop.new_event_loop
 
 
 @pytest.fixture(params=_LOOPS)
