@@ -9,13 +9,13 @@ was delivered and what was discarded add up exactly to what was accepted.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import functools
 import random
 import time
 from typing import Any
 
+import anyio
 import pytest
 from _helpers import join_all_from_loop, start_threads
 
@@ -43,7 +43,7 @@ class Totals:
 
     def call_js(
         self,
-        loop: asyncio.AbstractEventLoop | None,
+        loop: object,  # the asyncio loop or the trio run's token; None: discarded
         _callback: object,
         _context: object,
         item: tuple[int, int, int],
@@ -125,7 +125,8 @@ async def test_64_threads_with_mixed_calls_add_up_exactly(
             errors.append(exc)
 
     threads = start_threads(functools.partial(produce, p) for p in range(THREADS))
-    await asyncio.wait_for(fn.wait_closed(), JOIN)
+    with anyio.fail_after(JOIN):
+        await fn.wait_closed()
     await join_all_from_loop(threads, JOIN)
 
     assert errors == []
