@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any, Protocol, TypeVar
+
+import anyio
+import anyio.to_thread
+import trio
+from _loops import asyncio_run
 
 import tsfn
+from tsfn._running import running_port
+
+T = TypeVar("T")
 
 # Generous: a correct test never waits this long, a broken one fails instead of hanging.
 WAIT = 10.0
+
+R = TypeVar("R")
+
+# The `anyio_backend` fixture's value: ("asyncio", {"use_uvloop": ...}) or ("trio", {}).
+Backend = tuple[str, dict[str, Any]]
 
 
 class Boom(Exception):
@@ -65,17 +80,52 @@ def join_all(threads: Iterable[threading.Thread], wait: float = WAIT) -> None:
 
 async def join_all_from_loop(threads: Iterable[threading.Thread], wait: float = WAIT) -> None:
     """`join_all` without blocking the loop, which the threads may need."""
-    await asyncio.get_running_loop().run_in_executor(None, join_all, list(threads), wait)
+    await anyio.to_thread.run_sync(join_all, list(threads), wait)
 
 
-def set_from_worker(event: asyncio.Event) -> Callable[[], None]:
-    """A function a worker thread calls to set `event` on the loop (the only safe way)."""
-    loop = asyncio.get_running_loop()
+async def result_of(future: concurrent.futures.Future[T]) -> T:
+    """Await a `concurrent.futures.Future` on any loop (`asyncio.wrap_future` needs
+    asyncio): a worker thread waits for it, failing (not hanging) after WAIT."""
+    return await anyio.to_thread.run_sync(future.result, WAIT)
+
+
+def set_from_worker(event: _Settable) -> Callable[[], None]:
+    """A function a worker thread calls to set `event` (an `anyio.Event`, or the running
+    loop's own) on the loop: the only safe way, on every loop."""
+    port = running_port("set_from_worker")
 
     def signal() -> None:
-        loop.call_soon_threadsafe(event.set)
+        port.call_soon_threadsafe(event.set)
 
     return signal
+
+
+def run_on(backend: Backend, main: Callable[..., Awaitable[R]], *args: Any) -> R:
+    """`tsfn.run(main, *args)` on a new loop of the kind `backend` names (a sync test
+    that takes `anyio_backend` runs it on each loop, trio included)."""
+    name, options = backend
+    return tsfn.run(main, *args, backend=name, backend_options=options)
+
+
+def loop_factory_of(backend: Backend) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The factory of the asyncio loop an asyncio `backend` names (uvloop's or asyncio's)."""
+    if backend[1].get("use_uvloop"):
+        import uvloop
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+def run_to_end(backend: Backend, main: Callable[[], Awaitable[R]]) -> R:
+    """Run `main()` on a new loop of the kind `backend` names to the end, as the loop's
+    own runner does (asyncio.run's steps, or `trio.run`)."""
+    if backend[0] == "trio":
+        return trio.run(main)
+    return asyncio_run(main(), loop_factory_of(backend))  # type: ignore[arg-type]
+
+
+class _Settable(Protocol):
+    def set(self) -> object: ...
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -84,8 +134,9 @@ async def until(condition: Callable[[], bool]) -> None:
     Polled, because other threads make it true; what the test then checks does not
     depend on how long this took.
     """
-    while not condition():  # noqa: ASYNC110 - set by threads, which cannot set an asyncio.Event
-        await asyncio.sleep(0.001)
+    with anyio.fail_after(WAIT):
+        while not condition():  # noqa: ASYNC110 - set by threads, which cannot set an Event
+            await anyio.sleep(0.001)
 
 
 def wait_until(condition: Callable[[], bool]) -> None:
@@ -105,8 +156,18 @@ def blocked_callers(fn: tsfn.ThreadsafeFunction[Any]) -> int:
 
 
 @contextlib.contextmanager
-def loop_errors(loop: asyncio.AbstractEventLoop) -> Iterator[list[dict[str, Any]]]:
-    """Collect what reaches the loop's exception handler."""
+def loop_errors(loop: asyncio.AbstractEventLoop | None = None) -> Iterator[list[dict[str, Any]]]:
+    """Collect the errors tsfn reports, as dicts with "message" and "exception".
+
+    Given an asyncio `loop` (or on the running asyncio loop): what reaches the loop's
+    exception handler. On trio, which has no such handler: what tsfn logs to the
+    `tsfn` logger (see docs/trio.md).
+    """
+    if loop is None and asyncio_loop() is None:
+        with _logged_errors() as logged:
+            yield logged
+        return
+    loop = loop or asyncio.get_running_loop()
     errors: list[dict[str, Any]] = []
     previous = loop.get_exception_handler()
     loop.set_exception_handler(lambda _loop, context: errors.append(context))
@@ -114,3 +175,26 @@ def loop_errors(loop: asyncio.AbstractEventLoop) -> Iterator[list[dict[str, Any]
         yield errors
     finally:
         loop.set_exception_handler(previous)
+
+
+def asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop, or None (on trio)."""
+    return asyncio._get_running_loop()
+
+
+@contextlib.contextmanager
+def _logged_errors() -> Iterator[list[dict[str, Any]]]:
+    errors: list[dict[str, Any]] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            exc = record.exc_info[1] if record.exc_info else None
+            errors.append({**record.__dict__, "message": record.getMessage(), "exception": exc})
+
+    handler = Collect(logging.ERROR)
+    logger = logging.getLogger("tsfn")
+    logger.addHandler(handler)
+    try:
+        yield errors
+    finally:
+        logger.removeHandler(handler)

@@ -2,8 +2,12 @@
 
 Two plugins run the async tests, and no test is run by both. anyio's plugin runs
 every module marked `pytest.mark.anyio` (one marker per module): `anyio_backend`
-below parametrises those tests over asyncio's default loop and uvloop, and the
-same tests are to run on trio, so they use only what any loop offers.
+below parametrises those tests over asyncio's default loop, uvloop and trio (through
+anyio's trio backend), so they use only what any loop offers: anyio's events, task
+groups, timeouts and threads, and the helpers of tests/_helpers.py. A test that only
+makes sense on asyncio says why with `@pytest.mark.asyncio_only("reason")`; its trio
+run is skipped with that reason. Sync tests that need a whole run of a new loop
+(shutdown at its end, say) take `run_on_new_loop`, parametrised over the three too.
 pytest-asyncio (strict mode: only what is marked `pytest.mark.asyncio`) runs the
 tests that are asyncio-only by nature, such as those that swap the loop's
 exception handler (tests/test_asyncio_loop.py): a new loop per test, in debug
@@ -16,13 +20,15 @@ that manage a loop themselves (shutdown, `tsfn.run`) take `loop_factory`, or
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
+from _helpers import Backend, loop_factory_of, run_to_end
 
 uvloop: ModuleType | None
 try:
@@ -30,19 +36,46 @@ try:
 except ImportError:  # pragma: no cover - uvloop is not available on Windows
     uvloop = None
 
+R = TypeVar("R")
+
 _LOOPS: list[Any] = [pytest.param("asyncio", id="asyncio")]
 if uvloop is not None:
     _LOOPS.append(pytest.param("uvloop", id="uvloop"))
 
 
-@pytest.fixture(params=_LOOPS)
-def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
-    return ("asyncio", {"use_uvloop": request.param == "uvloop"})
+_ALL_LOOPS: list[Any] = [*_LOOPS, pytest.param("trio", id="trio")]
+# What anyio's plugin takes for each loop (its `anyio_backend` form), by test id.
+_BACKENDS: dict[str, Backend] = {
+    "asyncio": ("asyncio", {"use_uvloop": False}),
+    "uvloop": ("asyncio", {"use_uvloop": True}),
+    "trio": ("trio", {}),
+}
+_FACTORIES = {
+    name: loop_factory_of(_BACKENDS[name]) for name in ("asyncio", "uvloop")[: len(_LOOPS)]
+}
 
 
-_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
-if uvloop is not None:
-    _FACTORIES["uvloop"] = uvloop.new_event_loop
+@pytest.fixture(params=_ALL_LOOPS)
+def anyio_backend(request: pytest.FixtureRequest) -> Backend:
+    return _BACKENDS[request.param]
+
+
+@pytest.fixture(params=_ALL_LOOPS)
+def run_on_new_loop(request: pytest.FixtureRequest) -> Callable[[Callable[[], Awaitable[R]]], R]:
+    """Run `main()` on a new loop of each kind to the end, as the loop's own runner
+    does (asyncio.run's steps on asyncio and uvloop, `trio.run` on trio)."""
+    return functools.partial(run_to_end, _BACKENDS[request.param])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Skip, with its reason, the trio run of a test marked `asyncio_only`."""
+    for item in items:
+        marker = item.get_closest_marker("asyncio_only")
+        params = getattr(item, "callspec", None)
+        if marker is None or params is None:
+            continue
+        if "trio" in (params.params.get("anyio_backend"), params.params.get("run_on_new_loop")):
+            item.add_marker(pytest.mark.skip(reason=f"asyncio only: {marker.args[0]}"))
 
 
 @pytest.fixture(params=_LOOPS)

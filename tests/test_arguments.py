@@ -7,7 +7,10 @@ allowed range is a ValueError. Every case below checks the type, the argument's 
 and the bad value's repr in the message.
 
 The functions under test are built on a loop that is not running (`idle_loop`): the
-checks must not depend on a loop running, and nothing is ever delivered.
+checks must not depend on a loop running, and nothing is ever delivered. That loop is
+asyncio's (or uvloop's): a trio run does not stand idle, and the checks come before
+tsfn looks at the loop. The async tests run on every loop; trio's own arguments
+(`loop=` a finished run's token, `backend=`, `backend_options=`) are in test_trio.py.
 """
 
 from __future__ import annotations
@@ -137,7 +140,8 @@ def test_counts_larger_than_any_float_are_accepted_and_work(
 def test_threadsafe_function_rejects_a_closed_loop(
     loop_factory: LoopFactory,
 ) -> None:
-    # A closed loop is the right type with a value that cannot work: ValueError.
+    # A closed loop is the right type with a value that cannot work: ValueError. (An
+    # asyncio loop: trio's counterpart, a finished run's token, is in test_trio.py.)
     loop = loop_factory()
     loop.close()
     with pytest.raises(ValueError, match="loop must not be closed"):
@@ -304,5 +308,6 @@ def test_run_rejects_a_bad_argument(argument: str, value: object) -> None:
 def test_run_accepts_its_valid_arguments(
     loop_factory: LoopFactory,
 ) -> None:
+    """`debug` and `loop_factory`: asyncio's options."""
     assert tsfn.run(_answer(), debug=True, loop_factory=loop_factory) == 42
     assert tsfn.run(_answer(), debug=None, loop_factory=None) == 42

@@ -9,7 +9,6 @@ side records what it saw, so the check does not depend on timing.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import multiprocessing
 import os
@@ -17,10 +16,13 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import pytest
 
 import tsfn
 from tsfn._cancel import CancelFlag, run_with_flag
+from tsfn._running import running_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(20)]
 
@@ -46,7 +48,13 @@ class Library:
 
 async def wait_for_thread_event(event: threading.Event) -> None:
     """Await a threading.Event without blocking the loop."""
-    assert await asyncio.to_thread(event.wait, 10)
+    assert await anyio.to_thread.run_sync(event.wait, 10)
+
+
+async def on_the_default_pool(func: Callable[[], object]) -> object:
+    """Run `func` on the pool an AsyncWork without `executor=` runs on (asyncio's
+    default executor, trio's thread cache): white-box, that pool is the point."""
+    return await running_port("on_the_default_pool").run_in_worker(func)
 
 
 # -- where a token exists ---------------------------------------------------------------
@@ -71,7 +79,7 @@ async def test_cancel_token_outside_a_worker_raises_runtime_error() -> None:
     assert "'mine'" in str(errors[0])
     # A pool thread that runs no tsfn work has none either.
     with pytest.raises(RuntimeError):
-        await asyncio.get_running_loop().run_in_executor(None, tsfn.cancel_token)
+        await on_the_default_pool(tsfn.cancel_token)
 
 
 async def test_a_pool_thread_has_no_token_after_its_work() -> None:
@@ -80,7 +88,7 @@ async def test_a_pool_thread_has_no_token_after_its_work() -> None:
 
     assert await tsfn.AsyncWork(execute) is False
     with pytest.raises(RuntimeError):
-        await asyncio.get_running_loop().run_in_executor(None, tsfn.cancel_token)
+        await on_the_default_pool(tsfn.cancel_token)
 
 
 def token_state(_: object) -> tuple[bool, int]:
@@ -115,11 +123,19 @@ async def test_a_hook_stops_a_blocked_asyncwork_when_its_awaiting_task_is_cancel
         return "stopped"
 
     work = tsfn.AsyncWork(execute)
-    task = asyncio.ensure_future(_await(work))
-    await wait_for_thread_event(library.running)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    awaiting = anyio.CancelScope()
+    interrupted: list[bool] = []
+
+    async def await_the_work() -> None:
+        with awaiting:
+            await work
+        interrupted.append(awaiting.cancelled_caught)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(await_the_work)
+        await wait_for_thread_event(library.running)
+        awaiting.cancel()
+    assert interrupted == [True]
     assert await work == "stopped"
     assert seen == [False, True, True]
     # Once, on the hooks thread: not the loop's, not the worker's.
@@ -177,7 +193,6 @@ async def test_a_triggered_hook_runs_even_if_the_worker_returns_at_once() -> Non
 async def test_a_hook_may_block_the_loop_keeps_running_meanwhile() -> None:
     # The hook waits for something only the loop does: on the loop thread it would
     # deadlock; on the hooks thread it returns once the loop has done it.
-    loop = asyncio.get_running_loop()
     loop_done = threading.Event()
     hook_started = threading.Event()
     order: list[str] = []
@@ -196,11 +211,11 @@ async def test_a_hook_may_block_the_loop_keeps_running_meanwhile() -> None:
         async with tsfn.stream(worker):
             pass
 
-    leaving = asyncio.ensure_future(leave())
-    await wait_for_thread_event(hook_started)
-    order.append("loop ran")
-    loop.call_soon(loop_done.set)
-    await leaving
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(leave)
+        await wait_for_thread_event(hook_started)
+        order.append("loop ran")
+        running_port("test").call_soon(loop_done.set)  # a callback the loop runs
     assert order == ["loop ran", "hook returned"]
 
 
@@ -480,7 +495,3 @@ def test_bad_arguments_name_the_argument() -> None:
         assert repr(token) == "<CancelToken cancelled=False>"
 
     run_worker(body)
-
-
-async def _await(work: tsfn.AsyncWork[Any, Any]) -> Any:
-    return await work

@@ -5,6 +5,9 @@ handler in test_asyncio_loop.py), and then: later items are still delivered,
 discarded items are still handed to `call_js`, counts stay exact and the finalizer
 runs once. KeyboardInterrupt and SystemExit are not faults to report but requests to
 stop: they propagate out of the loop run, and the next run carries on where it stopped.
+
+The tests that stop an asyncio loop's run and run it again take `loop_factory`: only an
+asyncio loop runs again after a run was interrupted. The rest run on every loop.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import gc
 import logging
 import threading
 
+import anyio
 import pytest
-from _helpers import Boom
+from _helpers import Backend, Boom, run_on, run_to_end
 from _loops import LoopFactory, asyncio_run
 
 import tsfn
@@ -43,9 +47,19 @@ async def test_raising_execute_reaches_the_awaiter_and_complete_gets_error() -> 
     assert work.status is tsfn.Status.ERROR
 
 
-@pytest.mark.parametrize("default", [False, True], ids=["own_executor", "default_executor"])
+@pytest.mark.parametrize(
+    "default",
+    [
+        pytest.param(False, id="own_executor"),
+        pytest.param(
+            True,
+            id="default_executor",
+            marks=pytest.mark.asyncio_only("trio's worker threads cannot be shut down"),
+        ),
+    ],
+)
 def test_work_on_a_shut_down_executor_raises_to_the_caller(
-    loop_factory: LoopFactory, default: bool
+    anyio_backend: Backend, default: bool
 ) -> None:
     """The executor refuses the job: the awaiting caller hears so and tsfn.run still ends."""
     completions: list[tsfn.Status] = []
@@ -67,7 +81,7 @@ def test_work_on_a_shut_down_executor_raises_to_the_caller(
         return None
 
     # tsfn.run would hang if the refused work still held the loop alive.
-    assert isinstance(tsfn.run(main(), loop_factory=loop_factory), RuntimeError)
+    assert isinstance(run_on(anyio_backend, main), RuntimeError)
     assert completions == []  # never queued, so never completed (Node: an error status)
 
 
@@ -78,11 +92,14 @@ async def test_awaiting_a_refused_work_again_raises_instead_of_hanging() -> None
     with pytest.raises(RuntimeError):
         await work
     # A second await must fail the same way, not wait for a job that never existed.
-    with pytest.raises(RuntimeError):
-        await asyncio.wait_for(work, 1)
+    with pytest.raises(RuntimeError), anyio.fail_after(1):
+        await work
 
 
 # -- KeyboardInterrupt and SystemExit stop the loop run, and nothing is lost -------------
+#
+# Asyncio only up to the shutdown tests: each runs an asyncio loop again after the
+# interrupted run; a trio run that an interrupt ended is over.
 
 
 def _run_until_interrupted(loop: asyncio.AbstractEventLoop, exc_type: type[BaseException]) -> None:
@@ -228,7 +245,8 @@ def test_interrupt_in_finalizer_propagates_and_the_finalizer_never_runs_again(
 # Items are still queued at shutdown only under tsfn.run, which aborts unreferenced
 # functions right after `main` returns, with no loop turn between (asyncio.run's loop
 # turns once more and delivers them).
-SHUTDOWN_HOOKS = [("asyncio.run", "finalizer"), ("tsfn.run", "finalizer"), ("tsfn.run", "call_js")]
+# ("run": the loop's own runner, asyncio.run or trio.run.)
+SHUTDOWN_HOOKS = [("run", "finalizer"), ("tsfn.run", "finalizer"), ("tsfn.run", "call_js")]
 
 
 @pytest.mark.parametrize(
@@ -236,7 +254,11 @@ SHUTDOWN_HOOKS = [("asyncio.run", "finalizer"), ("tsfn.run", "finalizer"), ("tsf
 )
 @pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
 def test_an_interrupt_at_loop_shutdown_still_shuts_every_function_down(
-    loop_factory: LoopFactory, exc_type: type[BaseException], ending: str, where: str
+    anyio_backend: Backend,
+    exc_type: type[BaseException],
+    ending: str,
+    where: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     """Issue 9, defect 7: at loop shutdown, one function's finalizer (or call_js) raising
     SystemExit or KeyboardInterrupt left every other function of that loop open and
@@ -245,6 +267,14 @@ def test_an_interrupt_at_loop_shutdown_still_shuts_every_function_down(
     Two of the three functions raise: the loop shuts its functions down in no
     particular order, and with two raising, one of them always comes before another
     function, so the test cannot pass by luck of the order."""
+    if anyio_backend[0] == "trio" and ending == "run":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="trio: tsfn's shutdown guard (a system task) logs the interrupt "
+                "instead of letting it leave trio.run",
+            )
+        )
     names = ("raises-1", "quiet", "raises-2")
     finalized: list[str] = []
     discarded: list[tuple[str, int]] = []
@@ -272,10 +302,10 @@ def test_an_interrupt_at_loop_shutdown_still_shuts_every_function_down(
             fn.call(1)
 
     def run() -> None:
-        if ending == "asyncio.run":
-            asyncio_run(main(), loop_factory)
+        if ending == "run":
+            run_to_end(anyio_backend, main)
         else:
-            tsfn.run(main(), loop_factory=loop_factory)
+            run_on(anyio_backend, main)
 
     with pytest.raises(exc_type):
         run()
@@ -299,7 +329,8 @@ def test_an_interrupt_at_loop_shutdown_is_not_logged_again_when_collected(
     On 3.11, when that collection happened inside an `ast.parse` (pytest formatting a
     failure, say), the log formatted a traceback, which parses source again, and the
     outer `ast.parse` raised `SystemError: AST constructor recursion depth mismatch`:
-    the issue's "corrupted interpreter". (uvloop's loop retrieves the exception.)"""
+    the issue's "corrupted interpreter". (uvloop's loop retrieves the exception.)
+    Asyncio only: asyncio's tasks and logger."""
 
     def finalizer(_: object) -> None:
         raise SystemExit("from the finalizer")
@@ -315,7 +346,7 @@ def test_an_interrupt_at_loop_shutdown_is_not_logged_again_when_collected(
 
 
 def test_call_js_raising_for_every_discard_at_shutdown_still_discards_and_finalizes_all(
-    loop_factory: LoopFactory,
+    anyio_backend: Backend,
 ) -> None:
     """Sibling of issue 9, defect 7: call_js raising SystemExit for *each* discarded
     item. The first raise used to propagate through Port.shutdown(), which went on
@@ -346,7 +377,7 @@ def test_call_js_raising_for_every_discard_at_shutdown_still_discards_and_finali
                 fn.call(item)
 
     with pytest.raises(SystemExit):
-        tsfn.run(main(), loop_factory=loop_factory)
+        run_on(anyio_backend, main)
     gc.collect()  # the stranded tasks complain now, not in a later test
     assert sorted(discarded) == [(name, i) for name in sorted(names) for i in range(3)]
     assert sorted(finalized) == sorted(names)
@@ -358,7 +389,8 @@ def test_complete_raising_at_shutdown_lets_the_other_members_finish_first(
     """Sibling of issue 9, defect 7: an AsyncWork cancelled by the shutdown runs
     `complete` from a loop callback; `complete` raising SystemExit there stopped the
     loop while a function's cancelled async callback still ran its cleanup, so that
-    function was never finalized ("Task was destroyed but it is pending!")."""
+    function was never finalized ("Task was destroyed but it is pending!").
+    Asyncio only: a task that outlives `main`, cancelled by asyncio.run."""
     order: list[str] = []
     gate = threading.Event()  # parks the default executor's only worker
     pool = concurrent.futures.ThreadPoolExecutor(1)

@@ -20,16 +20,28 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, SupportsIndex
 
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
 import pytest
-from _helpers import WAIT, Worker, blocked_callers, loop_errors, start, wait_until
-from _loops import LoopFactory, asyncio_run
+from _helpers import (
+    WAIT,
+    Worker,
+    asyncio_loop,
+    blocked_callers,
+    loop_errors,
+    result_of,
+    start,
+    wait_until,
+)
+from _loops import LoopFactory
 
 import tsfn
-from tsfn._asyncio import AsyncioPort
 from tsfn._results import SubmitFuture
+from tsfn._running import running_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(20)]
 
@@ -43,7 +55,7 @@ def wake_up_spy(monkeypatch: pytest.MonkeyPatch) -> list[Callable[..., object]]:
     `call_soon_threadsafe`, looked up when the function is created; so the spy must
     be in place before the function is.
     """
-    port = AsyncioPort.of(asyncio.get_running_loop())
+    port = running_port("wake_up_spy")
     scheduled: list[Callable[..., object]] = []
     real = port.call_soon_threadsafe
 
@@ -199,18 +211,19 @@ async def test_submit_future_gets_the_callback_return_value() -> None:
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda n: n * 10)
     on_loop = fn.submit(4)
     from_thread = start(lambda: fn.submit(5).result(WAIT))  # blocks its thread, not ours
-    assert await asyncio.wrap_future(on_loop) == 40
-    await asyncio.to_thread(from_thread.finish)  # its item needs the loop to keep turning
+    assert await result_of(on_loop) == 40
+    await anyio.to_thread.run_sync(from_thread.finish)  # its item needs the loop to keep turning
     assert from_thread.result == 50
     fn.release()
     await fn.wait_closed()
 
 
 async def test_submit_awaits_an_awaitable_result_on_the_loop_before_finalizing() -> None:
-    gate = asyncio.Event()
+    started, gate = anyio.Event(), anyio.Event()
     finalized: list[bool] = []
 
     async def callback(n: int) -> int:
+        started.set()
         await gate.wait()
         return n + 1
 
@@ -219,8 +232,7 @@ async def test_submit_awaits_an_awaitable_result_on_the_loop_before_finalizing()
     )
     future = fn.submit(1)
     fn.release()
-    for _ in range(5):  # the item is delivered; its coroutine waits on the gate
-        await asyncio.sleep(0)
+    await started.wait()  # the item is delivered; its coroutine waits on the gate
     assert not future.done()
     assert finalized == [], "the finalizer must wait for the awaitable result"
     gate.set()
@@ -247,15 +259,15 @@ async def test_abort_cancels_the_future_of_a_discarded_item_and_hands_call_js_it
 
 
 async def test_abort_cancels_the_future_of_an_awaitable_still_running() -> None:
-    never = asyncio.Event()
+    started = anyio.Event()
 
     async def callback(_: object) -> None:
-        await never.wait()
+        started.set()
+        await anyio.sleep_forever()
 
     fn: tsfn.ThreadsafeFunction[None] = tsfn.ThreadsafeFunction(callback)
     future = fn.submit(None)
-    for _ in range(5):  # let the item be delivered and its coroutine start
-        await asyncio.sleep(0)
+    await started.wait()  # the item is delivered and its coroutine started
     assert not future.done()
     fn.abort()
     await fn.wait_closed()
@@ -276,7 +288,7 @@ async def test_submit_cancelled_before_delivery_discards_the_item() -> None:
     unwanted = fn.submit("unwanted")
     assert unwanted.cancel()  # still queued: cancellable
     wanted = fn.submit("wanted")
-    await asyncio.wrap_future(wanted)
+    await result_of(wanted)
     fn.release()
     await fn.wait_closed()
     assert delivered == ["wanted"]
@@ -349,21 +361,31 @@ async def test_submit_future_cannot_be_cancelled_once_its_callback_has_returned(
 
 @pytest.mark.parametrize("canceller", ["loop thread", "worker thread"])
 async def test_cancelling_the_future_of_a_running_async_callback_cancels_its_task(
-    canceller: str,
+    canceller: str, request: pytest.FixtureRequest
 ) -> None:
     """Issue 9, defect 6: cancelling the future of a submit() whose async callback runs
     returned True while the coroutine ran on to completion. As with
     `asyncio.run_coroutine_threadsafe`, cancelling the future cancels the task: the
     coroutine sees CancelledError where it awaits, and does not finish."""
-    started = asyncio.Event()
-    proceed = asyncio.Event()
+    if canceller == "loop thread" and asyncio_loop() is None:
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="trio: the task's cancel is deferred (call_soon_threadsafe) even on "
+                "the loop thread, lands after proceed.set() woke the task, and trio "
+                "delivers it only at a next checkpoint: the coroutine finishes anyway",
+            )
+        )
+    started = anyio.Event()
+    proceed = anyio.Event()
     outcome: list[str] = []
+    cancelled = anyio.get_cancelled_exc_class()
 
     async def callback(n: int) -> int:
         started.set()
         try:
             await proceed.wait()
-        except asyncio.CancelledError:
+        except cancelled:
             outcome.append("cancelled")
             raise
         outcome.append("ran to completion")
@@ -375,7 +397,7 @@ async def test_cancelling_the_future_of_a_running_async_callback_cancels_its_tas
     if canceller == "loop thread":
         assert future.cancel()
     else:
-        assert await asyncio.to_thread(future.cancel)
+        assert await anyio.to_thread.run_sync(future.cancel)
     # Had the task not been told, this would let the coroutine run to its end.
     proceed.set()
     fn.release()
@@ -472,7 +494,7 @@ async def test_abort_is_idempotent() -> None:
     await fn.wait_closed()
     fn.abort()
     for _ in range(3):
-        await asyncio.sleep(0)  # nothing late may follow
+        await anyio.lowlevel.checkpoint()  # nothing late may follow
     assert finalized == ["ctx"]
     assert discarded == ["queued"]
 
@@ -572,7 +594,7 @@ async def test_properties_follow_the_lifecycle() -> None:
     fn.call(1)
     fn.call(2)
     assert fn.qsize() == 2  # queued, not delivered: the loop has not had a turn
-    await asyncio.wrap_future(fn.submit(3))
+    await result_of(fn.submit(3))
     assert fn.qsize() == 0
 
     fn.acquire()
@@ -607,11 +629,12 @@ async def test_wait_closed_returns_after_the_finalizer_for_every_waiter() -> Non
         await fn.wait_closed()
         order.append(name)
 
-    tasks = [asyncio.ensure_future(waiter(f"waiter-{i}")) for i in range(3)]
-    await asyncio.sleep(0)
-    assert order == []
-    fn.release()
-    await asyncio.gather(*tasks)
+    async with anyio.create_task_group() as tasks:
+        for i in range(3):
+            tasks.start_soon(waiter, f"waiter-{i}")
+        await anyio.lowlevel.checkpoint()  # the waiters start waiting
+        assert order == []
+        fn.release()
     assert order[0] == "finalizer"
     assert sorted(order[1:]) == ["waiter-0", "waiter-1", "waiter-2"]
     await fn.wait_closed()  # already closed: returns at once
@@ -631,6 +654,7 @@ def _cancelled_waiters_alive() -> int:
     )
 
 
+@pytest.mark.asyncio_only("counts the asyncio futures abandoned waits leave behind")
 @pytest.mark.parametrize("how", ["cancelled", "timed out"])
 async def test_abandoned_wait_closed_calls_leave_no_waiter_behind(how: str) -> None:
     """Issue 9, defect 14: each wait_closed() that was cancelled or timed out left its
@@ -663,7 +687,8 @@ async def test_abandoned_wait_closed_calls_leave_no_waiter_behind(how: str) -> N
         await abandon_three()
     assert _cancelled_waiters_alive() <= alive, "abandoned waiters pile up"
     fn.release()
-    await asyncio.wait_for(fn.wait_closed(), WAIT)
+    with anyio.fail_after(WAIT):
+        await fn.wait_closed()
     assert finalized == [True]
 
 
@@ -718,7 +743,7 @@ async def test_async_with_enters_as_the_function_itself() -> None:
 
 
 async def test_call_js_gets_the_loop_the_callback_the_context_and_the_data() -> None:
-    loop = asyncio.get_running_loop()
+    loop = running_port("the test").token  # the asyncio loop, or trio's token
     calls: list[tuple[object, object, object, object]] = []
 
     def callback(_: object) -> None:
@@ -766,12 +791,13 @@ async def test_an_async_call_js_is_awaited_for_discarded_items_before_the_finali
     """Issue 9, defect 16: an `async def call_js` was awaited for delivered items but not
     for discarded ones: those coroutines were dropped ("coroutine ... was never
     awaited", a RuntimeWarning that pytest turns into an error here) and their cleanup
-    never ran. Each discard's coroutine runs to its end, and all before the finalizer."""
+    never ran. Each discard's coroutine runs to its end, and all before the finalizer.
+    The coroutines run as tasks, in the order the loop picks (trio's is random)."""
     order: list[object] = []
 
     async def call_js(loop: object, callback: object, context: object, data: int) -> None:
         try:
-            await asyncio.sleep(0)  # a real await: the cleanup below is not synchronous
+            await anyio.lowlevel.checkpoint()  # a real await: the cleanup below is not synchronous
         finally:
             order.append(("delivered" if loop is not None else "discarded", data))
 
@@ -781,8 +807,11 @@ async def test_an_async_call_js_is_awaited_for_discarded_items_before_the_finali
     for i in range(3):
         fn.call(i)  # the loop thread is here: all three are still queued ...
     fn.abort()  # ... and discarded
-    await asyncio.wait_for(fn.wait_closed(), WAIT)
-    assert order == [("discarded", 0), ("discarded", 1), ("discarded", 2), "finalized"]
+    with anyio.fail_after(WAIT):
+        await fn.wait_closed()
+    *discards, last = order
+    assert sorted(discards, key=repr) == [("discarded", 0), ("discarded", 1), ("discarded", 2)]
+    assert last == "finalized"
 
 
 async def test_an_async_finalizer_is_awaited_or_refused_never_dropped() -> None:
@@ -793,7 +822,7 @@ async def test_an_async_finalizer_is_awaited_or_refused_never_dropped() -> None:
     ran: list[bool] = []
 
     async def finalizer(_: object) -> None:
-        await asyncio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         ran.append(True)
 
     try:
@@ -809,7 +838,8 @@ async def test_an_async_finalizer_is_awaited_or_refused_never_dropped() -> None:
         assert "finalizer" in refused
         return
     fn.release()
-    await asyncio.wait_for(fn.wait_closed(), WAIT)
+    with anyio.fail_after(WAIT):
+        await fn.wait_closed()
     gc.collect()  # a dropped coroutine warns here, inside the test
     assert ran == [True]
 
@@ -888,7 +918,7 @@ async def test_calls_while_a_drain_is_pending_cost_one_wake_up(
     # From the loop thread, in one turn: the first call wakes the loop, the rest ride along.
     for i in range(100):
         fn.call(i)
-    await asyncio.wrap_future(fn.submit(100))
+    await result_of(fn.submit(100))
     assert drains_of(fn, scheduled) == 1
 
     # From a thread while the loop thread is held: a drain is pending the whole time.
@@ -898,7 +928,7 @@ async def test_calls_while_a_drain_is_pending_cost_one_wake_up(
 
     start(produce).finish()  # blocks the loop thread on purpose: nothing drains meanwhile
     assert drains_of(fn, scheduled) == 2
-    await asyncio.wrap_future(fn.submit(1101))
+    await result_of(fn.submit(1101))
     assert drains_of(fn, scheduled) == 2
     fn.release()
     await fn.wait_closed()
@@ -909,7 +939,7 @@ async def test_calls_while_a_drain_runs_wake_nothing(monkeypatch: pytest.MonkeyP
     """Items queued while a callback runs are picked up by that drain's follow-up."""
     scheduled = wake_up_spy(monkeypatch)
     got: list[int] = []
-    all_delivered = asyncio.Event()
+    all_delivered = anyio.Event()
 
     def flood() -> None:
         for i in range(1, 501):
@@ -933,11 +963,12 @@ async def test_calls_while_a_drain_runs_wake_nothing(monkeypatch: pytest.MonkeyP
 
 async def test_a_drain_delivers_at_most_1000_items_then_lets_other_callbacks_run() -> None:
     got: list[object] = []
+    port = running_port("the test")
 
     def callback(item: int) -> None:
         got.append(item)
         if item == 0:
-            asyncio.get_running_loop().call_soon(got.append, "other callback")
+            port.call_soon(functools.partial(got.append, "other callback"))
 
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(callback)
 
@@ -1000,7 +1031,7 @@ async def test_an_item_queued_as_the_drain_goes_idle_is_still_delivered(
     """The drain saw an empty queue; a producer appends and, with the wake token still
     held by that drain, schedules nothing. The drain must look again after putting the
     token back, or the item waits forever."""
-    late_delivered = asyncio.Event()
+    late_delivered = anyio.Event()
 
     def callback(item: str) -> None:
         if item == "first":
@@ -1016,7 +1047,8 @@ async def test_an_item_queued_as_the_drain_goes_idle_is_still_delivered(
     fn._queue = hooked
     fn._life._occupied = hooked.__len__
     fn.call("first")
-    await asyncio.wait_for(late_delivered.wait(), WAIT)
+    with anyio.fail_after(WAIT):
+        await late_delivered.wait()
     assert hook.fired
     fn.release()
     await fn.wait_closed()
@@ -1040,7 +1072,7 @@ async def test_a_producer_taking_the_token_the_drain_just_put_back_schedules_the
     again. The drain then sees the item but no token: the producer schedules the next
     drain, so this one must not take the token again (an IndexError from the drain, once
     on 3.10 in CI). The late item is delivered, and nothing reaches the loop's handler."""
-    late_delivered = asyncio.Event()
+    late_delivered = anyio.Event()
 
     def callback(item: str) -> None:
         if item == "first":
@@ -1053,9 +1085,9 @@ async def test_a_producer_taking_the_token_the_drain_just_put_back_schedules_the
         pytest.skip("no GIL: producers take the token under the lock")
     hook = _ProducerHook(threading.get_ident())
     fn._wake_token = _TokenWithAPutBackHook(hook)
-    with loop_errors(asyncio.get_running_loop()) as errors:
+    with loop_errors() as errors, anyio.fail_after(WAIT):
         fn.call("first")
-        await asyncio.wait_for(late_delivered.wait(), WAIT)
+        await late_delivered.wait()
         assert hook.fired, "the hook never ran: rewrite this test"
         fn.release()
         await fn.wait_closed()
@@ -1131,9 +1163,9 @@ class _TokenWithAHook(list[None]):
 
 
 def test_a_call_racing_loop_shutdown_raises_closing_only_if_its_item_was_not_taken(
-    loop_factory: LoopFactory,
+    run_on_new_loop: Callable[[Callable[[], Awaitable[None]]], None],
 ) -> None:
-    """The item is queued; before its caller sends the wake-up, asyncio.run aborts the
+    """The item is queued; before its caller sends the wake-up, the loop's end aborts the
     function (handing the item to call_js as a discard) and closes the loop. The call
     must then return normally: raising Closing tells the caller its item was not
     queued, and a caller that frees the item on Closing would free it twice."""
@@ -1153,7 +1185,7 @@ def test_a_call_racing_loop_shutdown_raises_closing_only_if_its_item_was_not_tak
         appended.wait(WAIT)  # holds the loop thread: the wake-up is not sent yet
 
     try:
-        asyncio_run(main(), loop_factory)
+        run_on_new_loop(main)
     finally:
         loop_gone.set()
     workers[0].finish()
@@ -1210,9 +1242,10 @@ async def test_an_interrupt_after_taking_the_wake_token_does_not_wedge_the_funct
         fn.release()
 
     later = start(later_producer)
-    await asyncio.to_thread(later.finish)
+    await anyio.to_thread.run_sync(later.finish)
     assert later.error is None, repr(later.error)
-    await asyncio.wait_for(fn.wait_closed(), WAIT)
+    with anyio.fail_after(WAIT):
+        await fn.wait_closed()
     # Item 1 was queued before the interrupt: it is delivered like any other.
     assert delivered == [1, 2, "finalized"]
 
@@ -1250,7 +1283,8 @@ async def test_an_interrupt_after_marking_a_call_in_flight_leaves_no_marker() ->
     assert len(markers) == 0, "the interrupted call left its in-flight marker behind"
     fn.call(2)
     fn.release()
-    await asyncio.wait_for(fn.wait_closed(), WAIT)
+    with anyio.fail_after(WAIT):
+        await fn.wait_closed()
     assert delivered == [2, "finalized"]  # item 1 was interrupted before it was queued
 
 
@@ -1285,5 +1319,6 @@ async def test_an_interrupt_as_release_or_abort_wakes_the_loop_does_not_wedge_cl
     assert interrupted, "the hook never fired: rewrite this test"
     assert isinstance(producer.error, KeyboardInterrupt)
     assert fn.closing
-    await asyncio.wait_for(fn.wait_closed(), WAIT)
+    with anyio.fail_after(WAIT):
+        await fn.wait_closed()
     assert finalized == [True]

@@ -40,17 +40,24 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import pytest
-from _helpers import WAIT, Worker, loop_errors, start
+from _helpers import WAIT, Worker, asyncio_loop, loop_errors, start
 from _loops import LoopFactory
 
 import tsfn
+from tsfn._loop import Port
+from tsfn._running import running_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
+
+# The `run_on_new_loop` fixture: run main() on a new loop of each kind, to its end.
+RunOnNewLoop = Callable[[Callable[[], Awaitable[None]]], None]
 
 
 ARRAY_LENGTH = 10_000  # binding.c
@@ -141,7 +148,7 @@ class Binding:
         self.finalize_js: Callable[[], None] | None = None
         self.alt_ref: Callable[[object], None] | None = None
         self.fn: tsfn.ThreadsafeFunction[Any] | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.port: Port | None = None  # the running loop's, for setImmediate
 
     def fatal(self, message: str) -> None:
         self.fatal_errors.append(message)
@@ -149,7 +156,7 @@ class Binding:
     # -- StartThread* / StopThread ---------------------------------------------------------
 
     def start(self, js_callback: Callable[[object], None]) -> None:
-        self.loop = asyncio.get_running_loop()
+        self.port = running_port("Binding.start")
         marshal = self.starter.marshal
         if marshal == "alt_ref":
             self.alt_ref = js_callback  # the JS function, kept apart from the function
@@ -196,9 +203,9 @@ class Binding:
         else:
             callback(data)
         if isinstance(data, int) and data in self.chances:
-            assert self.loop is not None
+            assert self.port is not None
             # After this item, and after whatever this turn scheduled (setImmediate).
-            self.loop.call_soon(self.chances[data].set)
+            self.port.call_soon(self.chances[data].set)
 
     def join_the_threads(self, context: object) -> None:
         self.finalizer_calls += 1
@@ -293,8 +300,8 @@ async def with_js_marshaller(
     Node stops the thread from `setImmediate` (the next loop turn); node-addon-api's
     port calls stopThread inside the callback itself (`stop_in_callback`).
     """
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[list[object]] = loop.create_future()
+    port = running_port("with_js_marshaller")
+    done = anyio.Event()
     array: list[object] = []
     binding = Binding(
         starter,
@@ -310,23 +317,23 @@ async def with_js_marshaller(
         if len(array) == quit_after:
 
             def stop() -> None:
-                binding.stop_thread(lambda: done.set_result(array), abort)
+                binding.stop_thread(done.set, abort)
 
             if stop_in_callback:
                 stop()
             else:
-                loop.call_soon(stop)  # setImmediate
+                port.call_soon(stop)  # setImmediate
 
     binding.start(test_callback)
     # Node busy-waits 200 ms here so the queue fills; we wait until it has.
     # Blocking the loop thread is the point: nothing drains meanwhile.
     if not starter.block and not binding.queue_was_full.wait(WAIT):
         binding.fatal("the non-blocking producer never found the queue full")
-    result = await done
+    await done.wait()
     for _ in range(3):  # a second finalizer call would come on a later turn
-        await asyncio.sleep(0)
+        await anyio.lowlevel.checkpoint()
     binding.check()
-    return result, binding
+    return array, binding
 
 
 def assert_could_not_finish(result: list[object], binding: Binding, length: int) -> None:
@@ -482,29 +489,21 @@ async def test_T14_unbounded_abort_after_the_first_value_discards_the_rest() -> 
 # -- T11, T15: testUnref, and node-addon-api's U1, U2 (child processes) -----------------
 
 CHILD = r"""
-import asyncio
 import sys
 import threading
 
 import tsfn
+from tsfn._running import running_port
 
 
 def say(*words):
     print(*words, flush=True)
 
 
-def new_loop():
-    if sys.argv[2] == "uvloop":
-        import uvloop
-
-        return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
-
-
 async def teardown_after_unref(max_queue_size):
     # common-threadsafe.js's child: StartThread(abort=false, secondary=true),
     # Release() at once, Unref() after the second value; never released otherwise.
-    loop = asyncio.get_running_loop()
+    port = running_port("the child")
     chances = {i: threading.Event() for i in range(0, 10000, 1000)}
     threads = []
     values = 0
@@ -516,7 +515,7 @@ async def teardown_after_unref(max_queue_size):
         if values == 2:
             fn.unref()
         if value in chances:
-            loop.call_soon(chances[value].set)
+            port.call_soon(chances[value].set)
 
     def join_the_threads(context):
         for chance in chances.values():
@@ -570,23 +569,33 @@ async def ref_keeps_running():
     fn.call()
     fn.unref()
     fn.ref()
-    asyncio.get_running_loop().call_later(0.2, say, "still running")
+    # A timer thread, not one of the loop's: any loop kind runs what it schedules.
+    later = threading.Timer(0.2, running_port("the child").call_soon_threadsafe, [still])
+    later.daemon = True
+    later.start()
     say("main returned")
 
 
-scenario = sys.argv[1]
+def still():
+    say("still running")
+
+
+scenario, loop = sys.argv[1], sys.argv[2]
 if scenario == "unref":
-    main = teardown_after_unref(int(sys.argv[3]))
+    main, args = teardown_after_unref, [int(sys.argv[3])]
 elif scenario == "unref-without-release":
-    main = unref_without_release()
+    main, args = unref_without_release, []
 else:
-    main = ref_keeps_running()
-tsfn.run(main, loop_factory=new_loop)
+    main, args = ref_keeps_running, []
+if loop == "trio":
+    tsfn.run(main, *args, backend="trio")
+else:
+    tsfn.run(main, *args, backend_options={"use_uvloop": loop == "uvloop"})
 say("exit")
 """
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
+@pytest.fixture(params=["asyncio", "uvloop", "trio"])
 def child_loop(request: pytest.FixtureRequest) -> str:
     if request.param == "uvloop":
         pytest.importorskip("uvloop")
@@ -661,7 +670,8 @@ def test_U2_ref_after_unref_keeps_the_process_running(child_loop: str) -> None:
 
 async def test_T16_T17_callback_then_finalizer_exceptions_reach_the_handler_in_order() -> None:
     """CallIntoModule: one call, one release. The callback's exception reaches the loop's
-    handler first, the finalizer's second (Node: 'uncaughtException', twice).
+    handler first, the finalizer's second (Node: 'uncaughtException', twice). On trio,
+    which has no such handler, "the handler" is the `tsfn` logger (docs/trio.md).
 
     T18/T19 are Node's legacy policy that swallows both; tsfn has no such mode, so
     they have no port: exceptions always reach the handler.
@@ -680,7 +690,7 @@ async def test_T16_T17_callback_then_finalizer_exceptions_reach_the_handler_in_o
         calls.append("finalizer")
         raise finalizer_error
 
-    with loop_errors(asyncio.get_running_loop()) as reported:
+    with loop_errors() as reported:
         fn: tsfn.ThreadsafeFunction[None] = tsfn.ThreadsafeFunction(
             callback, finalizer=finalizer, name="resource_name"
         )
@@ -695,7 +705,7 @@ async def test_T16_T17_callback_then_finalizer_exceptions_reach_the_handler_in_o
 
 
 def test_T20_abort_hands_the_queued_item_to_call_js_once_before_the_finalizer(
-    loop_factory: LoopFactory,
+    run_on_new_loop: RunOnNewLoop,
 ) -> None:
     """call(), unref(), abort() in one turn: call_js gets the item once, as a discard
     (loop and callback None), and only then does the finalizer run; the run ends."""
@@ -716,7 +726,7 @@ def test_T20_abort_hands_the_queued_item_to_call_js_once_before_the_finalizer(
         fn.unref()
         fn.abort()
 
-    tsfn.run(main(), loop_factory=loop_factory)
+    run_on_new_loop(main)
     assert events == [("call_js", None, None, context, "item"), ("finalizer", context)]
 
 
@@ -737,7 +747,7 @@ class Shutdown:
 
     async def main(self) -> None:
         delivered = 0
-        enough = asyncio.Event()
+        enough = anyio.Event()
 
         def call_js(loop: object, callback: object, context: object, data: int) -> None:
             nonlocal delivered
@@ -783,10 +793,10 @@ class Shutdown:
 
 
 def test_T21_32_threads_calling_at_loop_shutdown_all_see_closing(
-    loop_factory: LoopFactory,
+    run_on_new_loop: RunOnNewLoop,
 ) -> None:
     scenario = Shutdown(pace=0.001, max_queue_size=0)
-    tsfn.run(scenario.main(), loop_factory=loop_factory)
+    run_on_new_loop(scenario.main)
     scenario.check()
 
 
@@ -835,7 +845,7 @@ async def test_T23a_releasing_every_count_finalizes_exactly_once(
             assert worker.error is None
     await fn.wait_closed()
     for _ in range(3):
-        await asyncio.sleep(0)
+        await anyio.lowlevel.checkpoint()
     assert finalized == ["ctx"]
     assert never_called == []
 
@@ -854,14 +864,14 @@ async def test_T23b_calls_after_abort_raise_closing_and_finalize_exactly_once() 
             fn.call_nowait(None)
     await fn.wait_closed()
     for _ in range(3):
-        await asyncio.sleep(0)
+        await anyio.lowlevel.checkpoint()
     assert finalized == [None]
     assert never_called == []
 
 
 @pytest.mark.parametrize("whose_finalizer", ["another-functions", "its-own"])
 def test_T24_abort_and_release_from_a_finalizer_at_teardown_do_not_reenter(
-    loop_factory: LoopFactory, whose_finalizer: str
+    run_on_new_loop: RunOnNewLoop, whose_finalizer: str
 ) -> None:
     """reentrant_release: an unreferenced function, never released, is aborted and
     released from a finalizer that runs while the loop tears down."""
@@ -877,9 +887,9 @@ def test_T24_abort_and_release_from_a_finalizer_at_teardown_do_not_reenter(
             raised.append(exc)
 
     async def main() -> None:
-        asyncio.get_running_loop().set_exception_handler(
-            lambda _loop, context: reported.append(context)
-        )
+        # The loop's handler, set for the whole run: teardown comes after main returns.
+        if (loop := asyncio_loop()) is not None:
+            loop.set_exception_handler(lambda _loop, context: reported.append(context))
 
         def fn_finalizer(context: object) -> None:
             finalized.append("fn")
@@ -900,9 +910,11 @@ def test_T24_abort_and_release_from_a_finalizer_at_teardown_do_not_reenter(
             )
             holder.unref()
 
-    tsfn.run(main(), loop_factory=loop_factory)
+    with loop_errors() as logged:  # no loop yet: what tsfn logs, as it does on trio
+        run_on_new_loop(main)
     assert raised == []
     assert reported == []
+    assert logged == []
     assert finalized.count("fn") == 1
 
 
@@ -1033,7 +1045,8 @@ async def test_E1_E2_an_exception_in_the_callback_or_call_js_is_reported_once(
     thrower: str,
 ) -> None:
     """E1: the JS callback throws; E2: the native call_js throws. Either way exactly
-    one report to the loop's handler, with that exception, and one call."""
+    one report to the loop's handler (trio: the `tsfn` logger), with that exception,
+    and one call."""
     error = ValueError(f"test-from-{thrower}")
     calls: list[object] = []
 
@@ -1041,7 +1054,7 @@ async def test_E1_E2_an_exception_in_the_callback_or_call_js_is_reported_once(
         calls.append(args)
         raise error
 
-    with loop_errors(asyncio.get_running_loop()) as reported:
+    with loop_errors() as reported:
         if thrower == "callback":
             fn: tsfn.ThreadsafeFunction[None] = tsfn.ThreadsafeFunction(raising)
         else:
@@ -1063,9 +1076,13 @@ async def test_X1_to_X4_release_from_inside_call_js_delivers_then_finalizes(
 ) -> None:
     """call_js releases the function while it is being delivered to; the finalizer
     then resolves the test with what call_js saw (a number, or None without data)."""
-    loop = asyncio.get_running_loop()
-    resolved: asyncio.Future[object] = loop.create_future()
+    resolved = anyio.Event()
+    resolved_with: list[object] = []
     context: dict[str, object] = {}
+
+    def resolve(ctx: dict[str, object]) -> None:
+        resolved_with.append(ctx["data"])
+        resolved.set()
 
     def call_js(loop: object, callback: object, ctx: dict[str, object], data: object) -> None:
         assert loop is not None
@@ -1075,7 +1092,7 @@ async def test_X1_to_X4_release_from_inside_call_js_delivers_then_finalizes(
     fn: tsfn.ThreadsafeFunction[object] = tsfn.ThreadsafeFunction(
         call_js=call_js,
         context=context,
-        finalizer=lambda ctx: resolved.set_result(ctx["data"]),
+        finalizer=resolve,
     )
 
     def call() -> None:
@@ -1085,7 +1102,8 @@ async def test_X1_to_X4_release_from_inside_call_js_delivers_then_finalizes(
             fn.call(block=block)
 
     start(call).join(WAIT)
-    assert await resolved == (42 if with_data else None)
+    await resolved.wait()
+    assert resolved_with == [42 if with_data else None]
     assert fn.closed
     with pytest.raises(tsfn.Closing):
         fn.call(1)
@@ -1101,11 +1119,10 @@ async def test_S1_to_S3_five_threads_sum_to_ten(when: str, tiny_switch_interval:
     """S1: threads exist first and get the function later; S2: they get it at start
     (initial_thread_count=5, each releases). S3: each acquires its own count, and the
     main thread releases its one after all five calls arrived."""
-    loop = asyncio.get_running_loop()
     calls: list[int] = []
     handed_over = threading.Event()
     holder: list[tsfn.ThreadsafeFunction[int]] = []
-    all_arrived = asyncio.Event()
+    all_arrived = anyio.Event()
 
     def callback(thread_id: int) -> None:
         calls.append(thread_id)
@@ -1140,6 +1157,5 @@ async def test_S1_to_S3_five_threads_sum_to_ten(when: str, tiny_switch_interval:
     for worker in workers:
         worker.join(WAIT)
         assert worker.error is None
-    assert loop.is_running()
     assert sorted(calls) == list(range(SUM_THREADS))
     assert sum(calls) == 10

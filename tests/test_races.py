@@ -24,6 +24,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
 import pytest
 from _helpers import WAIT, join_all, join_all_from_loop, start_threads, until
 
@@ -52,7 +55,7 @@ class Record:
 
     def call_js(
         self,
-        loop: asyncio.AbstractEventLoop | None,
+        loop: object,  # the asyncio loop or the trio run's token; None: discarded
         _callback: object,
         _context: object,
         item: Item,
@@ -155,7 +158,8 @@ async def test_many_threads_on_a_tiny_queue_deliver_every_item_once_in_order(
             fn.release()
 
     threads = start_threads(functools.partial(produce, p) for p in range(producers))
-    await asyncio.wait_for(fn.wait_closed(), WAIT)
+    with anyio.fail_after(WAIT):
+        await fn.wait_closed()
     await join_all_from_loop(threads)
 
     assert errors == []
@@ -196,7 +200,8 @@ async def test_abort_at_a_random_point_wakes_every_caller_and_loses_nothing(seed
             errors.append(exc)
 
     threads = start_threads(functools.partial(produce, p) for p in range(producers))
-    await asyncio.wait_for(fn.wait_closed(), WAIT)
+    with anyio.fail_after(WAIT):
+        await fn.wait_closed()
     await join_all_from_loop(threads)
 
     assert errors == []
@@ -236,8 +241,9 @@ async def test_blocking_producers_on_a_small_queue_never_hang(
 
         threads = start_threads(functools.partial(produce, p) for p in range(producers))
         try:
-            await asyncio.wait_for(fn.wait_closed(), WAIT)
-        except asyncio.TimeoutError:
+            with anyio.fail_after(WAIT):
+                await fn.wait_closed()
+        except TimeoutError:
             fn.abort()  # free the hung producers so the failure is reported, not a hang
             await join_all_from_loop(threads)
             pytest.fail(f"round {round_}: blocked producers were never woken")
@@ -280,7 +286,8 @@ async def test_closing_wakes_every_blocked_caller_at_once(
     join_all(threads)  # deliberately blocking the loop thread: see the docstring
 
     assert [type(o) for o in outcomes] == [tsfn.Closing] * producers
-    await asyncio.wait_for(fn.wait_closed(), WAIT)
+    with anyio.fail_after(WAIT):
+        await fn.wait_closed()
     if how == "abort":
         assert record.discarded == [(-1, s) for s in range(queue_size)]
     else:
@@ -316,7 +323,8 @@ async def test_producers_that_keep_calling_after_closing_do_not_stall_the_loop()
     await until(lambda: len(delivered) >= 1_000)  # all of them hard at it
     fn.abort()
     try:
-        await asyncio.wait_for(fn.wait_closed(), WAIT)
+        with anyio.fail_after(WAIT):
+            await fn.wait_closed()
     finally:
         stop.set()
         await join_all_from_loop(threads)
@@ -340,7 +348,8 @@ async def test_submitters_cancelling_their_futures_race_delivery_without_loss() 
         fn.release()
 
     threads = start_threads(functools.partial(produce, p) for p in range(producers))
-    await asyncio.wait_for(fn.wait_closed(), WAIT)
+    with anyio.fail_after(WAIT):
+        await fn.wait_closed()
     await join_all_from_loop(threads)
 
     record.check({p: list(range(items)) for p in range(producers)}, discards_a_tail=False)
@@ -400,11 +409,11 @@ async def test_many_streams_left_early_stop_their_workers_and_keep_order(latest:
                 assert len(emitted) <= len(seen) + max_queue_size + 1
 
     try:
-        await asyncio.gather(
-            *(one(rng.randrange(1, 50), rng.choice([1, 2, 4])) for _ in range(streams))
-        )
+        async with anyio.create_task_group() as streams_running:
+            for _ in range(streams):
+                streams_running.start_soon(one, rng.randrange(1, 50), rng.choice([1, 2, 4]))
     finally:
-        await asyncio.get_running_loop().run_in_executor(None, executor.shutdown)
+        await anyio.to_thread.run_sync(executor.shutdown)
 
 
 @pytest.mark.usefixtures("tiny_switch_interval")
@@ -421,7 +430,7 @@ async def test_latest_stream_always_delivers_the_last_item_under_races() -> None
             async for item in items:
                 seen.append(item)
                 if item % 7 == 0:
-                    await asyncio.sleep(0)  # a slow reader, so items are dropped
+                    await anyio.lowlevel.checkpoint()  # a slow reader, so items are dropped
         assert seen[-1] == last
         assert seen == sorted(set(seen))
 
@@ -449,7 +458,7 @@ async def test_cancel_racing_start_either_runs_or_cancels_never_both(own_executo
         work.queue()
         if n % 3:
             cancels[n] = work.cancel()
-    results = await asyncio.gather(*works, return_exceptions=True)
+    results = [await _outcome(work) for work in works]  # all queued already: they race
     if executor is not None:
         executor.shutdown()
 
@@ -463,3 +472,11 @@ async def test_cancel_racing_start_either_runs_or_cancels_never_both(own_executo
             assert n in ran
             assert result == n
             assert completions[n] == [tsfn.Status.OK]
+
+
+async def _outcome(work: tsfn.AsyncWork[int, int]) -> object:
+    """What awaiting `work` gave: its result, or the CancelledError it raised."""
+    try:
+        return await work
+    except asyncio.CancelledError as exc:  # work.cancel()'s, on every loop (the API)
+        return exc

@@ -15,7 +15,6 @@ for as long as the loop cannot deliver; `abort()` first lets the stop go through
 
 from __future__ import annotations
 
-import asyncio
 import os
 import queue
 import re
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import anyio.to_thread
 import pytest
 from test_examples import EXAMPLES, example_env, run_example
 
@@ -383,8 +383,8 @@ async def test_stopping_an_observer_whose_handler_waits_hangs_until_abort(
     # The right order: abort first. The waiting call raises Closing at once, the
     # handler returns, watchdog's lock is free, and stop() goes through.
     blocked.fn.abort()
-    await asyncio.to_thread(stopper.join)
-    await asyncio.to_thread(blocked.observer.join)  # join off the loop
+    await anyio.to_thread.run_sync(stopper.join)
+    await anyio.to_thread.run_sync(blocked.observer.join)  # join off the loop
     assert blocked.outcomes == ["delivered", "Closing"]
     await blocked.fn.wait_closed()
     assert blocked.delivered == []  # aborted: the queued item was discarded
@@ -393,8 +393,8 @@ async def test_stopping_an_observer_whose_handler_waits_hangs_until_abort(
 async def test_abort_then_stop_and_join_off_the_loop_never_hangs(tmp_path: Path) -> None:
     blocked = BlockedObserver(tmp_path)
     blocked.fn.abort()
-    await asyncio.to_thread(blocked.observer.stop)
-    await asyncio.to_thread(blocked.observer.join)
+    await anyio.to_thread.run_sync(blocked.observer.stop)
+    await anyio.to_thread.run_sync(blocked.observer.join)
     assert not blocked.observer.is_alive()
     assert blocked.outcomes == ["delivered", "Closing"]
     await blocked.fn.wait_closed()

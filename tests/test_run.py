@@ -8,6 +8,10 @@ keep the loop alive) and U2 (unref then ref: it does again).
 To show that `run` really waited, the work that closes a function is held back until
 a loop callback scheduled by `main` runs, which can only happen after `main` has
 returned; had `run` not waited, the function would have been aborted instead.
+
+The liveness tests run on every loop (`anyio_backend`: asyncio, uvloop, trio), through
+`tsfn.run`'s anyio form; those of asyncio's own options (`loop_factory`, `debug`) and
+of the steps asyncio.run takes take `loop_factory` and stay on asyncio.
 """
 
 from __future__ import annotations
@@ -21,11 +25,15 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import pytest
+from _helpers import Backend, run_on
 from _loops import LoopFactory
 
 import tsfn
 from tsfn import AsyncWork, Closing, Status, ThreadsafeFunction
+from tsfn._running import running_port
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -40,7 +48,7 @@ class AfterMain:
 
     def schedule(self) -> None:
         """Call in `main`: the callback runs on a later loop iteration than main's return."""
-        asyncio.get_running_loop().call_soon(self._release)
+        running_port("AfterMain").call_soon(self._release)
 
     def _release(self) -> None:
         self.released_after_main = self.main_returned
@@ -77,7 +85,17 @@ class Recorder:
         self.finalized.append(context)
 
 
-def test_run_returns_mains_result(loop_factory: LoopFactory) -> None:
+def test_run_returns_mains_result(anyio_backend: Backend) -> None:
+    async def main(x: int) -> int:
+        await anyio.lowlevel.checkpoint()
+        return x * 2
+
+    assert run_on(anyio_backend, main, 21) == 42
+
+
+def test_run_returns_the_result_of_mains_coroutine(loop_factory: LoopFactory) -> None:
+    """The coroutine form, `run(main())`, is asyncio's."""
+
     async def main(x: int) -> int:
         await asyncio.sleep(0)
         return x * 2
@@ -86,6 +104,7 @@ def test_run_returns_mains_result(loop_factory: LoopFactory) -> None:
 
 
 def test_run_uses_the_loop_factory(loop_factory: LoopFactory) -> None:
+    """Asyncio only, as `loop_factory` is."""
     created: list[asyncio.AbstractEventLoop] = []
 
     def factory() -> asyncio.AbstractEventLoop:
@@ -102,6 +121,8 @@ def test_run_uses_the_loop_factory(loop_factory: LoopFactory) -> None:
 
 @pytest.mark.parametrize("debug", [True, False])
 def test_run_sets_debug_mode(debug: bool) -> None:
+    """Asyncio only, as `debug` is."""
+
     async def main() -> bool:
         return asyncio.get_running_loop().get_debug()
 
@@ -148,7 +169,8 @@ def test_run_with_debug_none_keeps_a_factory_loops_own_debug_mode(
 
 
 def test_run_calls_an_async_function_with_its_args(loop_factory: LoopFactory) -> None:
-    """anyio's form, beside the coroutine form: `run(main, *args)` calls it on the loop."""
+    """anyio's form, beside the coroutine form: `run(main, *args)` calls it on the loop
+    that `backend_options`' `loop_factory` (an asyncio option) makes."""
 
     async def main(a: int, b: int) -> tuple[int, bool]:
         return a + b, isinstance(asyncio.get_running_loop(), type(probe))
@@ -158,7 +180,7 @@ def test_run_calls_an_async_function_with_its_args(loop_factory: LoopFactory) ->
     assert tsfn.run(main, 1, 2, backend_options={"loop_factory": loop_factory}) == (3, True)
 
 
-def test_run_waits_for_a_referenced_function_to_close(loop_factory: LoopFactory) -> None:
+def test_run_waits_for_a_referenced_function_to_close(anyio_backend: Backend) -> None:
     after_main = AfterMain()
     hooks = Recorder()
     producer_errors: list[BaseException] = []
@@ -183,7 +205,7 @@ def test_run_waits_for_a_referenced_function_to_close(loop_factory: LoopFactory)
         after_main.main_returned = True
         return "main done"
 
-    assert tsfn.run(main(), loop_factory=loop_factory) == "main done"
+    assert run_on(anyio_backend, main) == "main done"
     assert after_main.released_after_main
     assert producer_errors == []
     assert hooks.delivered == [0, 1, 2, 3, 4]
@@ -192,7 +214,7 @@ def test_run_waits_for_a_referenced_function_to_close(loop_factory: LoopFactory)
     assert fns[0].closed
 
 
-def test_run_waits_for_a_queued_async_work_to_complete(loop_factory: LoopFactory) -> None:
+def test_run_waits_for_a_queued_async_work_to_complete(anyio_backend: Backend) -> None:
     after_main = AfterMain()
     completions: list[tuple[Status, object]] = []
 
@@ -208,7 +230,7 @@ def test_run_waits_for_a_queued_async_work_to_complete(loop_factory: LoopFactory
         after_main.schedule()
         after_main.main_returned = True
 
-    tsfn.run(main(), loop_factory=loop_factory)
+    run_on(anyio_backend, main)
     assert after_main.released_after_main
     assert completions == [(Status.OK, "w")]
     assert works[0].status is Status.OK
@@ -216,7 +238,7 @@ def test_run_waits_for_a_queued_async_work_to_complete(loop_factory: LoopFactory
 
 @pytest.mark.parametrize("switches", [["unref"], ["ref", "ref", "unref"], ["unref", "unref"]])
 def test_U1_run_does_not_wait_for_an_unrefd_function_and_aborts_it(
-    loop_factory: LoopFactory, switches: list[str]
+    anyio_backend: Backend, switches: list[str]
 ) -> None:
     """Not counted, like uv_ref: one unref() after any number of ref() lets run exit.
     The function is then aborted: every item it accepted goes to call_js with
@@ -254,7 +276,7 @@ def test_U1_run_does_not_wait_for_an_unrefd_function_and_aborts_it(
         # Without yielding to the loop, so nothing can be delivered before run ends.
         assert producing.wait(timeout=10)
 
-    tsfn.run(main(), loop_factory=loop_factory)
+    run_on(anyio_backend, main)
     threads[0].join(timeout=10)
     assert not threads[0].is_alive()
     assert len(producer_errors) == 1
@@ -268,7 +290,7 @@ def test_U1_run_does_not_wait_for_an_unrefd_function_and_aborts_it(
 
 @pytest.mark.parametrize("switches", [["unref", "ref"], ["unref", "unref", "ref"]])
 def test_U2_ref_after_unref_makes_run_wait_again(
-    loop_factory: LoopFactory, switches: list[str]
+    anyio_backend: Backend, switches: list[str]
 ) -> None:
     after_main = AfterMain()
     hooks = Recorder()
@@ -291,14 +313,14 @@ def test_U2_ref_after_unref_makes_run_wait_again(
         after_main.schedule()
         after_main.main_returned = True
 
-    tsfn.run(main(), loop_factory=loop_factory)
+    run_on(anyio_backend, main)
     threads[0].join()
     assert after_main.released_after_main
     assert hooks.delivered == [1]
     assert hooks.finalized == ["ctx"]
 
 
-def test_unref_after_main_returned_lets_run_finish(loop_factory: LoopFactory) -> None:
+def test_unref_after_main_returned_lets_run_finish(anyio_backend: Backend) -> None:
     # ref/unref switch a function in and out of the count at any time: here from a
     # loop callback while run is already waiting for it.
     hooks = Recorder()
@@ -307,14 +329,14 @@ def test_unref_after_main_returned_lets_run_finish(loop_factory: LoopFactory) ->
         fn: ThreadsafeFunction[int] = ThreadsafeFunction(
             call_js=hooks.call_js, context="ctx", finalizer=hooks.finalizer
         )
-        asyncio.get_running_loop().call_soon(fn.unref)
+        running_port("test").call_soon(fn.unref)
 
-    tsfn.run(main(), loop_factory=loop_factory)
+    run_on(anyio_backend, main)
     assert hooks.finalized == ["ctx"]
 
 
 def test_main_raising_propagates_and_open_functions_are_aborted(
-    loop_factory: LoopFactory,
+    anyio_backend: Backend,
 ) -> None:
     """The loop may still deliver a little while it shuts down, so the check is the
     contract itself: every accepted item is delivered or discarded exactly once, in
@@ -349,7 +371,7 @@ def test_main_raising_propagates_and_open_functions_are_aborted(
         raise LookupError("main failed")
 
     with pytest.raises(LookupError, match="main failed"):
-        tsfn.run(main(), loop_factory=loop_factory)
+        run_on(anyio_backend, main)
     threads[0].join(timeout=10)
     assert not threads[0].is_alive()
     assert [type(e) for e in producer_errors] == [Closing]
@@ -360,7 +382,7 @@ def test_main_raising_propagates_and_open_functions_are_aborted(
     assert fns[0].closed
 
 
-def test_main_raising_cancels_a_work_that_has_not_started(loop_factory: LoopFactory) -> None:
+def test_main_raising_cancels_a_work_that_has_not_started(anyio_backend: Backend) -> None:
     completions: list[Status] = []
     ran: list[object] = []
     gate = threading.Event()
@@ -376,7 +398,7 @@ def test_main_raising_cancels_a_work_that_has_not_started(loop_factory: LoopFact
 
         try:
             with pytest.raises(LookupError):
-                tsfn.run(main(), loop_factory=loop_factory)
+                run_on(anyio_backend, main)
         finally:
             gate.set()
     assert ran == []
@@ -395,7 +417,8 @@ def test_run_reports_a_task_that_fails_while_it_is_cancelled_at_the_end(
 ) -> None:
     """Sibling of issue 9, defect 11: asyncio.run cancels the tasks left when `main`
     returns and reports to the loop's handler any that raised instead of ending
-    cancelled. tsfn.run must not drop them silently."""
+    cancelled. tsfn.run must not drop them silently. Asyncio only: a trio task cannot
+    outlive `main`."""
     reports: list[str] = []
     keep: list[asyncio.Task[None]] = []
 
@@ -423,7 +446,8 @@ def test_run_with_a_loop_factory_leaves_the_threads_current_loop_alone(
 ) -> None:
     """Sibling of issue 9's defects 2 and 11: state that is not tsfn's stays as it was.
     asyncio.run (3.12+) and asyncio.Runner (3.11+) with a loop factory never make their
-    loop the thread's current one, so a loop the caller made current stays current."""
+    loop the thread's current one, so a loop the caller made current stays current.
+    Asyncio only: the thread's current loop is asyncio's state."""
     mine = asyncio.new_event_loop()
     asyncio.set_event_loop(mine)
     try:

@@ -1,17 +1,22 @@
 """The loop ends while work is in flight: nobody hangs, nobody sees RuntimeError.
 
 Every scenario runs under each way a loop can end (`ENDINGS`) and on each loop kind
-(`loop_factory`):
+(`anyio_backend`: asyncio's loop, uvloop, trio):
 
-- ``asyncio.run`` returns, or an ``asyncio.Runner`` closes (on 3.10, which has no
-  Runner, the same steps by hand): tasks are cancelled, then async generators are
-  shut down (tsfn's hook: open functions are aborted, finalizers run), then the
-  default executor is joined.
+- ``run``: the loop's own runner returns. ``asyncio.run`` (uvloop's before 3.12,
+  which takes no loop factory: an asyncio.Runner, as below): tasks are cancelled,
+  then async generators are shut down (tsfn's hook: open functions are aborted,
+  finalizers run), then the default executor is joined. ``trio.run``: once `main`
+  has returned, trio cancels its system tasks, and tsfn's aborts the open
+  functions, finalizers included.
+- ``asyncio.Runner`` closes (on 3.10, which has no Runner, the same steps by hand):
+  as asyncio.run. Asyncio only.
 - ``tsfn.run`` ends because `main` raised: it shuts the loop down at once, with
   everything still open.
 - ``loop.close`` with nothing before it: no hook runs. API.md promises only that
   calls raise `Closing` and blocked callers wake with `Closing`; finalizers,
   `complete` and the undelivered items' `call_js` cannot run on a closed loop.
+  Asyncio only: a trio run cannot be closed from outside.
 
 What each test checks: every producer and worker wakes with `Closing` (or is told
 through `tsfn.cancelled()`) within `WAKE_BOUND` of `main` returning; no thread, loop
@@ -21,9 +26,11 @@ delivered or discarded exactly once (where the finalizer can run); finalizers an
 thread has finished when the test ends.
 
 Further down, the same promises without the `ENDINGS` matrix: one function fed by one
-producer as `asyncio.run` or an `asyncio.Runner` ends, a function created by an
-executor job during the shutdown, and what a function whose loop was closed directly
-still refuses and allows.
+producer as the loop's runner (on every loop) or an `asyncio.Runner` ends, a function
+created by an executor job during the shutdown, and what a function whose loop was
+closed directly still refuses and allows. Those that step an asyncio loop by hand (a
+loop closed directly, a Runner between runs, a subclass of the loop, its
+first-iteration hook) are asyncio's by nature and take `loop_factory`.
 """
 
 from __future__ import annotations
@@ -40,12 +47,19 @@ import warnings
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import pytest
+import trio
 from _helpers import (
     WAIT,
+    Backend,
     Worker,
+    asyncio_loop,
     blocked_callers,
     join_all,
+    loop_factory_of,
+    run_on,
     start,
     start_threads,
     until,
@@ -54,12 +68,20 @@ from _helpers import (
 from _loops import LoopFactory, asyncio_run
 
 import tsfn
+from tsfn._running import running_port
 
 pytestmark = pytest.mark.timeout(40)
 
 Main = Callable[[], Coroutine[Any, Any, None]]
 
-ENDINGS = ["asyncio.run", "asyncio.Runner", "tsfn.run", "loop.close"]
+ENDINGS = [
+    "run",
+    pytest.param("asyncio.Runner", marks=pytest.mark.asyncio_only("an asyncio.Runner")),
+    "tsfn.run",
+    pytest.param("loop.close", marks=pytest.mark.asyncio_only("loop.close()")),
+]
+# The endings that shut the loop down (all but a bare loop.close()).
+SHUTDOWNS = ENDINGS[:3]
 
 # "Wakes within a second": the only timing these tests assert. A blocked caller is
 # woken at once by the shutdown hook, or within tsfn's 0.1 s poll after a bare
@@ -72,6 +94,8 @@ class MainEnded(Exception):
 
 
 # -- the four ways a loop ends ------------------------------------------------------------
+#
+# Those of asyncio take the loop factory; "run" and "tsfn.run" take the backend.
 
 
 def _runner_run(main: Main, loop_factory: LoopFactory) -> None:
@@ -92,13 +116,20 @@ def _asyncio_run(main: Main, loop_factory: LoopFactory) -> None:
         _runner_run(main, loop_factory)
 
 
-def _tsfn_run(main: Main, loop_factory: LoopFactory) -> None:
+def _run(main: Main, backend: Backend) -> None:
+    if backend[0] == "trio":
+        trio.run(main)
+    else:
+        _asyncio_run(main, loop_factory_of(backend))
+
+
+def _tsfn_run(main: Main, backend: Backend) -> None:
     async def failing() -> None:
         await main()
         raise MainEnded
 
     with pytest.raises(MainEnded):
-        tsfn.run(failing(), loop_factory=loop_factory)
+        run_on(backend, failing)
 
 
 def _close_run(main: Main, loop_factory: LoopFactory) -> None:
@@ -109,14 +140,16 @@ def _close_run(main: Main, loop_factory: LoopFactory) -> None:
         loop.close()
 
 
-def end_loop(ending: str, main: Main, loop_factory: LoopFactory) -> None:
-    """Run `main` on a new loop, then end the loop the way `ending` names."""
-    {
-        "asyncio.run": _asyncio_run,
-        "asyncio.Runner": _runner_run,
-        "tsfn.run": _tsfn_run,
-        "loop.close": _close_run,
-    }[ending](main, loop_factory)
+def end_loop(ending: str, main: Main, backend: Backend) -> None:
+    """Run `main` on a new loop of `backend`'s kind, then end it the way `ending` names."""
+    if ending == "run":
+        _run(main, backend)
+    elif ending == "tsfn.run":
+        _tsfn_run(main, backend)
+    else:
+        {"asyncio.Runner": _runner_run, "loop.close": _close_run}[ending](
+            main, loop_factory_of(backend)
+        )
 
 
 # -- bookkeeping shared by the scenarios -------------------------------------------------
@@ -151,7 +184,7 @@ class Ledger:
 
     def call_js(
         self,
-        loop: asyncio.AbstractEventLoop | None,
+        loop: object,  # the asyncio loop, trio's token, or None
         callback: Callable[[int], object] | None,
         _context: object,
         item: int,
@@ -196,10 +229,13 @@ class Ledger:
         )
 
     def watch_loop(self) -> None:
-        """Send the running loop's error reports here (call at the start of main)."""
-        asyncio.get_running_loop().set_exception_handler(
-            lambda _loop, context: self.reports.append(context)
-        )
+        """Send the running loop's error reports here (call at the start of main).
+
+        On trio, which has no handler, tsfn logs them, and the `ledger` fixture fails
+        the test on any error logged."""
+        loop = asyncio_loop()
+        if loop is not None:
+            loop.set_exception_handler(lambda _loop, context: self.reports.append(context))
 
     def check(self, ending: str, producers: int) -> None:
         assert self.errors == [], f"unexpected exceptions: {self.errors!r}"
@@ -232,6 +268,23 @@ def ledger(caplog: pytest.LogCaptureFixture) -> Iterator[Ledger]:
     assert errors == [], f"errors were logged: {errors}"
 
 
+def use_as_default(executor: concurrent.futures.Executor) -> None:
+    """Make `executor` the running asyncio loop's default, so that the test can join its
+    threads. On trio, whose worker threads are its own, nothing."""
+    loop = asyncio_loop()
+    if loop is not None:
+        loop.set_default_executor(executor)
+
+
+def leave_running(task: Main) -> asyncio.Task[None] | None:
+    """Start `task()` beside `main`, still running when `main` returns: an asyncio task
+    (returned), or on trio a system task, the only kind a trio run lets outlive `main`."""
+    if asyncio_loop() is None:
+        trio.lowlevel.spawn_system_task(task)
+        return None
+    return asyncio.ensure_future(task())
+
+
 def shut_down(executor: concurrent.futures.Executor) -> None:
     """Join `executor`'s threads, failing (not hanging) if one never returns."""
     joiner = threading.Thread(target=executor.shutdown, kwargs={"wait": True})
@@ -255,7 +308,7 @@ def blocking_producer(
 
 @pytest.mark.parametrize("ending", ENDINGS)
 def test_producers_blocked_on_a_full_queue_wake_with_closing(
-    ending: str, loop_factory: LoopFactory, ledger: Ledger
+    ending: str, anyio_backend: Backend, ledger: Ledger
 ) -> None:
     producers = 8
     threads: list[threading.Thread] = []
@@ -277,13 +330,13 @@ def test_producers_blocked_on_a_full_queue_wake_with_closing(
         await until(lambda: len(ledger.accepted) >= 50)
         ledger.main_ended = time.monotonic()
 
-    end_loop(ending, main, loop_factory)
+    end_loop(ending, main, anyio_backend)
     join_all(threads)
     ledger.check(ending, producers)
 
 
 def test_unreferenced_function_with_blocked_producers_does_not_keep_tsfn_run_alive(
-    loop_factory: LoopFactory, ledger: Ledger
+    anyio_backend: Backend, ledger: Ledger
 ) -> None:
     """tsfn.run returning normally aborts the unref'd function and wakes its producers."""
     producers = 4
@@ -301,7 +354,7 @@ def test_unreferenced_function_with_blocked_producers_does_not_keep_tsfn_run_ali
         await until(lambda: len(ledger.accepted) >= 20)
         ledger.main_ended = time.monotonic()
 
-    tsfn.run(main(), loop_factory=loop_factory)
+    run_on(anyio_backend, main)
     join_all(threads)
     ledger.check("tsfn.run", producers)
 
@@ -311,7 +364,7 @@ def test_unreferenced_function_with_blocked_producers_does_not_keep_tsfn_run_ali
 
 @pytest.mark.parametrize("ending", ENDINGS)
 def test_callback_running_at_shutdown_is_cancelled_and_the_rest_discarded(
-    ending: str, loop_factory: LoopFactory, ledger: Ledger
+    ending: str, anyio_backend: Backend, ledger: Ledger
 ) -> None:
     threads: list[threading.Thread] = []
     futures: list[concurrent.futures.Future[Any]] = []
@@ -319,13 +372,16 @@ def test_callback_running_at_shutdown_is_cancelled_and_the_rest_discarded(
 
     async def main() -> None:
         ledger.watch_loop()
-        running = asyncio.Event()
+        running = anyio.Event()
+        # Looked up now: a bare loop.close() strands the callback, and its coroutine
+        # is closed when collected, later, with no loop to ask.
+        cancelled = anyio.get_cancelled_exc_class()
 
         async def stuck(item: int) -> int:
             running.set()
             try:
-                await asyncio.Event().wait()  # never set: still running at shutdown
-            except asyncio.CancelledError:
+                await anyio.Event().wait()  # never set: still running at shutdown
+            except cancelled:
                 outcomes.append("cancelled")
                 raise
             return item
@@ -342,7 +398,7 @@ def test_callback_running_at_shutdown_is_cancelled_and_the_rest_discarded(
         await until(lambda: len(ledger.accepted) >= 20)
         ledger.main_ended = time.monotonic()
 
-    end_loop(ending, main, loop_factory)
+    end_loop(ending, main, anyio_backend)
     join_all(threads)
     ledger.check(ending, producers=1)
     if ending != "loop.close":
@@ -357,16 +413,19 @@ class SlowCleanup:
 
     def __init__(self) -> None:
         self.order: list[str] = []
-        self.started: asyncio.Event | None = None
+        self.started: anyio.Event | None = None
 
     async def callback(self, _: object) -> None:
         assert self.started is not None
         self.started.set()
         try:
-            await asyncio.Event().wait()  # never set: still running at shutdown
+            await anyio.Event().wait()  # never set: still running at shutdown
         finally:
-            for _ in range(5):  # cleanup that needs the loop, a turn at a time
-                await asyncio.sleep(0)
+            # Cleanup that needs the loop, a turn at a time (shielded: on trio, a
+            # cancelled task's every await raises Cancelled again).
+            with anyio.CancelScope(shield=True):
+                for _ in range(5):
+                    await anyio.lowlevel.checkpoint()
             self.order.append("cleanup done")
 
     def finalizer(self, _: object) -> None:
@@ -374,7 +433,7 @@ class SlowCleanup:
 
 
 def test_tsfn_run_finalizes_an_unreferenced_function_after_its_callbacks_cleanup(
-    loop_factory: LoopFactory,
+    anyio_backend: Backend,
 ) -> None:
     """Issue 9, defect 15 (tsfn.run): an unreferenced function is aborted once `main`
     returns; its running async callback is cancelled, and the finalizer ran before the
@@ -383,13 +442,13 @@ def test_tsfn_run_finalizes_an_unreferenced_function_after_its_callbacks_cleanup
     slow = SlowCleanup()
 
     async def main() -> None:
-        slow.started = asyncio.Event()
+        slow.started = anyio.Event()
         fn = tsfn.ThreadsafeFunction(slow.callback, finalizer=slow.finalizer)
         fn.unref()  # tsfn.run does not wait for it: it is aborted after main
         fn.call(None)
         await slow.started.wait()
 
-    tsfn.run(main(), loop_factory=loop_factory)
+    run_on(anyio_backend, main)
     assert slow.order == ["cleanup done", "finalizer"]
 
 
@@ -402,12 +461,12 @@ def test_asyncio_run_finalizes_after_the_cleanup_of_a_callback_started_late(
     shutdown cancels it, and must let its `finally` finish before the finalizer runs.
 
     Here `main`'s helper task, when asyncio.run cancels it, makes the call whose
-    callback starts late."""
+    callback starts late. Asyncio only: a trio task cannot outlive `main`."""
     slow = SlowCleanup()
     holder: list[asyncio.Task[None]] = []
 
     async def main() -> None:
-        slow.started = asyncio.Event()
+        slow.started = anyio.Event()
         fn = tsfn.ThreadsafeFunction(slow.callback, finalizer=slow.finalizer)
         parked = asyncio.Event()
 
@@ -433,7 +492,7 @@ def test_asyncio_run_finalizes_after_the_cleanup_of_a_callback_started_late(
 
 @pytest.mark.parametrize("ending", ENDINGS)
 def test_submitters_get_a_result_or_a_cancelled_future_never_a_pending_one(
-    ending: str, loop_factory: LoopFactory, ledger: Ledger
+    ending: str, anyio_backend: Backend, ledger: Ledger
 ) -> None:
     producers = 6
     threads: list[threading.Thread] = []
@@ -463,7 +522,7 @@ def test_submitters_get_a_result_or_a_cancelled_future_never_a_pending_one(
         ledger.watch_loop()
 
         async def doubled_later(item: int) -> int:
-            await asyncio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             return 2 * item
 
         def callback(item: int) -> object:
@@ -480,7 +539,7 @@ def test_submitters_get_a_result_or_a_cancelled_future_never_a_pending_one(
         await until(lambda: len(ledger.accepted) >= 100)
         ledger.main_ended = time.monotonic()
 
-    end_loop(ending, main, loop_factory)
+    end_loop(ending, main, anyio_backend)
     join_all(threads)
     ledger.check(ending, producers)
     if ending != "loop.close":
@@ -494,12 +553,13 @@ def test_submitters_get_a_result_or_a_cancelled_future_never_a_pending_one(
 
 @pytest.mark.parametrize("ending", ENDINGS)
 def test_stream_worker_blocked_in_emit_wakes_with_closing_and_returns(
-    ending: str, loop_factory: LoopFactory, ledger: Ledger, request: pytest.FixtureRequest
+    ending: str, anyio_backend: Backend, ledger: Ledger
 ) -> None:
     executor = concurrent.futures.ThreadPoolExecutor(2)
     returned = threading.Event()
     consumer_outcome: list[BaseException] = []
-    holder: list[asyncio.Task[None]] = []
+    holder: list[asyncio.Task[None] | None] = []
+    cancelled: list[type[BaseException]] = []  # the loop's cancellation exception
 
     def worker(emit: Callable[[int], None]) -> str:
         try:
@@ -517,8 +577,9 @@ def test_stream_worker_blocked_in_emit_wakes_with_closing_and_returns(
 
     async def main() -> None:
         ledger.watch_loop()
-        asyncio.get_running_loop().set_default_executor(executor)
-        three_read = asyncio.Event()
+        use_as_default(executor)
+        cancelled.append(anyio.get_cancelled_exc_class())
+        three_read = anyio.Event()
 
         async def consume() -> None:
             try:
@@ -527,27 +588,28 @@ def test_stream_worker_blocked_in_emit_wakes_with_closing_and_returns(
                         ledger.delivered.append(item)
                         if item == 2:
                             three_read.set()
-                            await asyncio.Event().wait()  # stay inside, mid-stream
+                            await anyio.Event().wait()  # stay inside, mid-stream
             except BaseException as exc:
                 consumer_outcome.append(exc)
                 raise
 
-        holder.append(asyncio.ensure_future(consume()))
+        holder.append(leave_running(consume))
         await three_read.wait()
         ledger.main_ended = time.monotonic()
 
-    end_loop(ending, main, loop_factory)
+    end_loop(ending, main, anyio_backend)
     assert returned.wait(WAKE_BOUND), "the stream worker is still blocked in emit()"
     if ending == "loop.close":
         # The consumer task is left pending on the closed loop; garbage collection
         # will close its coroutine. Do that now, where an exception can be seen.
+        assert holder[0] is not None
         try:
             holder[0].get_coro().close()
         except BaseException as exc:
             consumer_outcome.append(exc)
         assert not any(isinstance(e, RuntimeError) for e in consumer_outcome), consumer_outcome
     else:
-        assert [type(e) for e in consumer_outcome] == [asyncio.CancelledError]
+        assert [type(e) for e in consumer_outcome] == cancelled
     shut_down(executor)
     assert ledger.delivered == [0, 1, 2]
     assert ledger.errors == []
@@ -560,7 +622,7 @@ def test_stream_worker_blocked_in_emit_wakes_with_closing_and_returns(
 
 @pytest.mark.parametrize("ending", ENDINGS)
 def test_running_async_work_is_told_to_stop_and_completes_once(
-    ending: str, loop_factory: LoopFactory, ledger: Ledger
+    ending: str, anyio_backend: Backend, ledger: Ledger
 ) -> None:
     executor = concurrent.futures.ThreadPoolExecutor(2)
     started = threading.Event()
@@ -582,12 +644,12 @@ def test_running_async_work_is_told_to_stop_and_completes_once(
 
     async def main() -> None:
         ledger.watch_loop()
-        asyncio.get_running_loop().set_default_executor(executor)
+        use_as_default(executor)
         tsfn.AsyncWork(execute, lambda status, _: completions.append(status)).queue()
         await until(started.is_set)
         ledger.main_ended = time.monotonic()
 
-    end_loop(ending, main, loop_factory)
+    end_loop(ending, main, anyio_backend)
     if ending == "loop.close":
         # Nothing tells a worker about a bare close, and complete() cannot run.
         let_go.set()
@@ -603,9 +665,9 @@ def test_running_async_work_is_told_to_stop_and_completes_once(
     assert ledger.reports == []
 
 
-@pytest.mark.parametrize("ending", [e for e in ENDINGS if e != "loop.close"])
+@pytest.mark.parametrize("ending", SHUTDOWNS)
 def test_running_async_work_on_its_own_executor_completes_before_the_loop_closes(
-    ending: str, loop_factory: LoopFactory, ledger: Ledger
+    ending: str, anyio_backend: Backend, ledger: Ledger
 ) -> None:
     """Issue 9, defect 9: an AsyncWork on an explicit `executor=` still running when the
     loop ended was told through tsfn.cancelled(), but the loop closed without waiting
@@ -626,7 +688,7 @@ def test_running_async_work_on_its_own_executor_completes_before_the_loop_closes
 
     async def main() -> None:
         ledger.watch_loop()
-        loop = asyncio.get_running_loop()
+        loop = running_port("test")  # the asyncio loop or the trio run, as tsfn sees it
         tsfn.AsyncWork(
             execute,
             lambda status, _: completions.append((status, loop.is_closed())),
@@ -635,7 +697,7 @@ def test_running_async_work_on_its_own_executor_completes_before_the_loop_closes
         await until(started.is_set)
 
     try:
-        end_loop(ending, main, loop_factory)
+        end_loop(ending, main, anyio_backend)
     finally:
         let_go.set()
         shut_down(executor)
@@ -651,7 +713,8 @@ def test_running_async_work_on_its_own_executor_completes_before_the_loop_closes
 def test_call_whose_wake_up_meets_a_closed_loop_does_not_disown_a_discarded_item(
     loop_factory: LoopFactory,
 ) -> None:
-    """The interleaving the random tests above hit now and then, made deterministic.
+    """The interleaving the random tests above hit now and then, made deterministic
+    (asyncio only: it holds the wake-up in a subclass of the asyncio loop).
 
     A producer queues its item and, before it can wake the loop, the loop shuts down:
     the shutdown discards the item (to call_js) and the loop closes. The producer's
@@ -708,7 +771,8 @@ def test_call_whose_wake_up_meets_a_closed_loop_does_not_disown_a_discarded_item
 def test_function_created_as_its_loop_closes_raises_no_runtime_error(
     loop_factory: LoopFactory,
 ) -> None:
-    """A thread creates a function for a loop that is being shut down and closed.
+    """A thread creates a function for a loop that is being shut down and closed
+    (asyncio only: a subclass of the asyncio loop holds the thread, and the test closes it).
 
     It may be refused (ValueError: the loop is closed) or made already closing; it
     must not see RuntimeError. Random interleavings hit this a few times in a
@@ -777,7 +841,7 @@ class _Streaming:
         self.discarded: list[int] = []
         self.finalized: list[int] = []  # the finalizer's thread id
         self.accepted = 0
-        self.some_delivered: asyncio.Event | None = None
+        self.some_delivered: anyio.Event | None = None
         self.fn: tsfn.ThreadsafeFunction[int] | None = None
         self.producer: Worker | None = None
 
@@ -798,7 +862,7 @@ class _Streaming:
 
     async def start(self) -> None:
         """Create the function and its producer; return once items flow."""
-        self.some_delivered = asyncio.Event()
+        self.some_delivered = anyio.Event()
         self.fn = tsfn.ThreadsafeFunction(
             call_js=self.call_js,
             max_queue_size=1,
@@ -826,11 +890,13 @@ class _Streaming:
         assert "Event loop is closed" not in str(late.error)
 
 
-def test_asyncio_run_shutdown_aborts_an_open_function(
-    loop_factory: LoopFactory, tiny_switch_interval: None, caplog: pytest.LogCaptureFixture
+def test_the_loops_shutdown_aborts_an_open_function(
+    run_on_new_loop: Callable[[Main], None],
+    tiny_switch_interval: None,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     streaming = _Streaming()
-    asyncio_run(streaming.start(), loop_factory)
+    run_on_new_loop(streaming.start)
     streaming.check_aborted_cleanly()
     assert "Event loop is closed" not in caplog.text
 
@@ -838,6 +904,7 @@ def test_asyncio_run_shutdown_aborts_an_open_function(
 def test_asyncio_runner_close_aborts_an_open_function_with_a_producer_waiting(
     loop_factory: LoopFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Asyncio only: an asyncio.Runner's loop stands still between its runs."""
     if sys.version_info < (3, 11):
         pytest.skip("asyncio.Runner is new in 3.11")
     streaming = _Streaming()
@@ -860,7 +927,8 @@ def test_function_created_by_an_executor_job_during_shutdown_is_still_aborted(
     loop_factory: LoopFactory, first_on_its_loop: bool
 ) -> None:
     """asyncio.run joins the default executor after closing async generators; a job
-    still running then may create a function. It must not outlive the loop open."""
+    still running then may create a function. It must not outlive the loop open.
+    Asyncio only: those are asyncio.run's steps."""
     asyncgens_closed = threading.Event()
     finalized: list[str] = []
     made: list[tsfn.ThreadsafeFunction[int]] = []
@@ -900,6 +968,7 @@ def test_function_created_by_an_executor_job_during_shutdown_is_still_aborted(
 
 # -- a function whose loop was closed directly -------------------------------------------
 #
+# Asyncio only: a trio run cannot be closed from outside.
 # API.md: after a bare loop.close() calls raise `Closing` and blocked callers wake with
 # `Closing`; the finalizer cannot run on a closed loop. The same holds whether the loop
 # never ran, ran a turn, or was closed with an item still queued.
@@ -984,6 +1053,8 @@ def test_loop_close_wakes_callers_blocked_for_room_with_closing(
 
 
 # -- calls racing a bare loop.close() --------------------------------------------------------
+#
+# Asyncio only, as loop.close() is.
 
 
 @pytest.mark.usefixtures("tiny_switch_interval")
@@ -1040,6 +1111,7 @@ def test_calls_racing_loop_close_raise_closing_never_runtime_error(
 # a stand-in. The tests below wrap that hook, so that something happens exactly while
 # the stand-in is being handed over: the window in which c971f67 had swapped in the
 # process-wide warning state (`warnings.catch_warnings`) to detect a late hand-over.
+# Asyncio only: trio's shutdown needs no such hook (a system task; see tsfn/_trio.py).
 
 
 @contextlib.contextmanager

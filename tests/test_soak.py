@@ -22,18 +22,31 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
 import psutil
 import pytest
 from _loops import LoopFactory
 
 import tsfn
+from tsfn._running import running_port
 
 pytestmark = pytest.mark.anyio
 
 MB = 1024 * 1024
+
+Backend = tuple[str, dict[str, Any]]  # anyio_backend's: a name and its options
+
+
+def run_on(anyio_backend: Backend, main: Callable[[], Awaitable[None]]) -> None:
+    """`tsfn.run` on a new loop of the kind `anyio_backend` names (tsfn.run takes
+    anyio's form), for the sync tests that run whole loops."""
+    name, options = anyio_backend
+    tsfn.run(main, backend=name, backend_options=options)
 
 
 # -- fast: dropped objects are freed -------------------------------------------------------
@@ -53,7 +66,7 @@ async def _freed(ref: weakref.ref[Any]) -> bool:
     for _ in range(500):
         if _dead(ref):
             return True
-        await asyncio.sleep(0.01)
+        await anyio.sleep(0.01)
     return False
 
 
@@ -63,7 +76,7 @@ async def test_closed_function_is_freed_once_dropped(ending: str) -> None:
     delivered: list[int] = []
 
     async def later(item: int) -> int:
-        await asyncio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         return item
 
     fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(
@@ -83,7 +96,7 @@ async def test_closed_function_is_freed_once_dropped(ending: str) -> None:
 
     producer = threading.Thread(target=produce, args=(fn,))
     producer.start()
-    await asyncio.get_running_loop().run_in_executor(None, producer.join)
+    await anyio.to_thread.run_sync(producer.join)
     if ending == "aborted":
         fn.abort()
     else:
@@ -141,18 +154,19 @@ async def test_finished_stream_is_freed_once_dropped(how: str) -> None:
 
 
 @pytest.mark.timeout(20)
-def test_loop_a_function_ran_on_is_freed_after_it_closes(loop_factory: LoopFactory) -> None:
+def test_loop_a_function_ran_on_is_freed_after_it_closes(anyio_backend: Backend) -> None:
     refs: list[weakref.ref[Any]] = []
 
     async def main() -> None:
-        refs.append(weakref.ref(asyncio.get_running_loop()))
+        # What stands for the loop: the asyncio loop, or the trio run's token.
+        refs.append(weakref.ref(running_port("test").token))
         fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
         fn.call(1)
         fn.release()
         await fn.wait_closed()
         assert await tsfn.AsyncWork(lambda _: "done") == "done"
 
-    tsfn.run(main(), loop_factory=loop_factory)
+    run_on(anyio_backend, main)
     assert _dead(refs[0]), "the loop is still alive after tsfn.run returned"
 
 
@@ -254,14 +268,13 @@ def _push_round(fn: tsfn.ThreadsafeFunction[int], producers: int, items: int) ->
 
 @pytest.mark.soak
 def test_soak_millions_of_items_through_bounded_functions_keep_memory_flat(
-    loop_factory: LoopFactory,
+    anyio_backend: Backend,
 ) -> None:
     gauge = Gauge()
     seconds = 30
 
     async def main() -> None:
         total = [0]
-        loop = asyncio.get_running_loop()
         sent = delivered = 0
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline or len(gauge.samples) < 6:
@@ -271,7 +284,7 @@ def test_soak_millions_of_items_through_bounded_functions_keep_memory_flat(
                 lambda v: total.__setitem__(0, total[0] + v),
                 max_queue_size=64,
             )
-            sent += await loop.run_in_executor(None, _push_round, fn, 8, 40_000)
+            sent += await anyio.to_thread.run_sync(_push_round, fn, 8, 40_000)
             fn.release()
             await fn.wait_closed()
             delivered = total[0]
@@ -279,13 +292,13 @@ def test_soak_millions_of_items_through_bounded_functions_keep_memory_flat(
             gauge.sample()
         assert sent > 0
 
-    tsfn.run(main(), loop_factory=loop_factory)
+    run_on(anyio_backend, main)
     gauge.assert_flat()
 
 
 @pytest.mark.soak
 def test_soak_millions_of_items_through_streams_keep_memory_flat(
-    loop_factory: LoopFactory,
+    anyio_backend: Backend,
 ) -> None:
     gauge = Gauge()
     seconds = 25
@@ -312,13 +325,13 @@ def test_soak_millions_of_items_through_streams_keep_memory_flat(
                             break
             gauge.sample()
 
-    tsfn.run(main(), loop_factory=loop_factory)
+    run_on(anyio_backend, main)
     gauge.assert_flat()
 
 
 @pytest.mark.soak
 def test_soak_creating_and_closing_functions_and_works_keeps_memory_flat(
-    loop_factory: LoopFactory,
+    anyio_backend: Backend,
 ) -> None:
     gauge = Gauge()
     seconds = 15
@@ -343,14 +356,14 @@ def test_soak_creating_and_closing_functions_and_works_keeps_memory_flat(
                     assert await tsfn.AsyncWork(lambda x: x, data=n) == n
             gauge.sample()
 
-    tsfn.run(main(), loop_factory=loop_factory)
+    run_on(anyio_backend, main)
     gauge.assert_flat()
     gc.collect()
     assert all(ref() is None for ref in refs)
 
 
 @pytest.mark.soak
-def test_soak_many_short_lived_loops_keep_memory_flat(loop_factory: LoopFactory) -> None:
+def test_soak_many_short_lived_loops_keep_memory_flat(anyio_backend: Backend) -> None:
     """A program that runs tsfn on a new loop per job (asyncio.run per request) must
     not pay for every loop it ever ran."""
     gauge = Gauge()
@@ -365,6 +378,6 @@ def test_soak_many_short_lived_loops_keep_memory_flat(loop_factory: LoopFactory)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline or len(gauge.samples) < 6:
         for _ in range(500):
-            tsfn.run(job(), loop_factory=loop_factory)
+            run_on(anyio_backend, job)
         gauge.sample()
     gauge.assert_flat(objects_slack=2000)

@@ -16,20 +16,23 @@ is full is then a fact the model knows, not a race, and every outcome is exact. 
 `drain` rule lets the loop run until it is idle; a blocking call on a full queue is
 a rule of its own that drains while the caller waits. The racing counterparts of
 these scenarios, with the loop running free, are in test_races.py.
+
+The machine runs on each loop (`anyio_backend`): asyncio's, uvloop and trio, whose
+run blocks in `get()` just as well.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
+import inspect
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any
 
+import anyio.lowlevel
 import pytest
-from _helpers import WAIT
-from _loops import LoopFactory
+from _helpers import WAIT, Backend, run_on
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -42,6 +45,7 @@ from hypothesis.stateful import (
 )
 
 import tsfn
+from tsfn._running import running_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -110,22 +114,22 @@ class CommandThread:
 class LoopThread:
     """An event loop under `tsfn.run` in its own thread, parked between commands."""
 
-    def __init__(self, loop_factory: LoopFactory) -> None:
+    def __init__(self, backend: Backend) -> None:
         self._jobs: queue.Queue[Callable[[], object] | None] = queue.Queue()
         self._replies: queue.Queue[tuple[bool, Any]] = queue.Queue()
-        self._factory = loop_factory
+        self._backend = backend
         self.thread = threading.Thread(target=self._serve, name="loop")
         self.thread.start()
 
     def _serve(self) -> None:
-        tsfn.run(self._main(), loop_factory=self._factory)
+        run_on(self._backend, self._main)
 
     async def _main(self) -> None:
         # Blocking the loop thread in get() is the point: nothing runs meanwhile.
         while (job := self._jobs.get()) is not None:
             try:
                 result = job()
-                if asyncio.iscoroutine(result):
+                if inspect.iscoroutine(result):
                     result = await result
                 self._replies.put((True, result))
             except BaseException as exc:
@@ -202,11 +206,11 @@ def _accepting(machine: FunctionMachine) -> bool:
 
 
 class FunctionMachine(RuleBasedStateMachine):
-    loop_factory: LoopFactory = asyncio.new_event_loop  # a subclass per loop kind sets it
+    backend: Backend = ("asyncio", {})  # a subclass per loop kind sets it
 
     def __init__(self) -> None:
         super().__init__()
-        self.loop = LoopThread(type(self).loop_factory)
+        self.loop = LoopThread(type(self).backend)
         self.workers = [CommandThread(f"producer-{w}") for w in range(WORKERS)]
         self.sent = [0] * (WORKERS + 1)  # next sequence number per thread (+ the loop)
         self.log: list[Event] = []  # what the function actually did, in order
@@ -223,12 +227,12 @@ class FunctionMachine(RuleBasedStateMachine):
         return ("result", item)
 
     async def _later(self, item: Item) -> object:
-        await asyncio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         return ("result", item)
 
     def _call_js(
         self,
-        loop: asyncio.AbstractEventLoop | None,
+        loop: object,  # the asyncio loop, trio's token, or None
         callback: Callable[[Item], object] | None,
         _context: object,
         item: Item,
@@ -270,7 +274,7 @@ class FunctionMachine(RuleBasedStateMachine):
         self.log = []
         self.futures = {}
 
-        def make(loop: asyncio.AbstractEventLoop | None = None) -> tsfn.ThreadsafeFunction[Item]:
+        def make(loop: Any = None) -> tsfn.ThreadsafeFunction[Item]:  # a loop or a token
             return tsfn.ThreadsafeFunction(
                 self._callback,
                 call_js=self._call_js if with_call_js else None,
@@ -284,7 +288,7 @@ class FunctionMachine(RuleBasedStateMachine):
         if on_loop_thread:
             self.fn = self.loop.do(make)
         else:  # created from another thread for a loop that is running (parked)
-            running = self.loop.do(asyncio.get_running_loop)
+            running = self.loop.do(lambda: running_port("test_stateful").token)
             self.fn = make(running)
 
     # -- helpers -----------------------------------------------------------------------
@@ -305,11 +309,11 @@ class FunctionMachine(RuleBasedStateMachine):
             # callback started is done (a few iterations; the cap only stops a bug
             # from spinning forever, and the invariants then report it).
             for _ in range(1000):
-                await asyncio.sleep(0)
+                await anyio.lowlevel.checkpoint()
                 if not self.f.qsize() and (not self.model.closing or self.f.closed):
                     break
             for _ in range(5):
-                await asyncio.sleep(0)
+                await anyio.lowlevel.checkpoint()
 
         self.loop.do(until_idle)
         self.model.drained()
@@ -563,11 +567,10 @@ class FunctionMachine(RuleBasedStateMachine):
         model.drained()
 
 
-def test_function_matches_its_model(loop_factory: LoopFactory) -> None:
+def test_function_matches_its_model(anyio_backend: Backend) -> None:
     class OnThisLoop(FunctionMachine):
-        pass
+        backend = anyio_backend
 
-    OnThisLoop.loop_factory = staticmethod(loop_factory)
     # Typed in the hypothesis releases for 3.11+, not in the last one for 3.10.
     run_state_machine_as_test(  # type: ignore[no-untyped-call,unused-ignore]
         OnThisLoop,

@@ -10,15 +10,16 @@ lock, and the worker records how far ahead it got each time an emit returned.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
+import functools
 import itertools
 import threading
 import time
 from collections.abc import Callable
 
+import anyio
 import pytest
-from _helpers import set_from_worker
+from _helpers import set_from_worker, until
 
 import tsfn
 from tsfn import Closing
@@ -127,22 +128,18 @@ async def test_the_worker_is_never_more_than_max_queue_size_plus_one_ahead(
     lock = threading.Lock()
     produced = consumed = 0
     full_at: set[int] = set()  # consumed counts at which the worker reached the bound
-    full = asyncio.Event()
-    loop = asyncio.get_running_loop()
 
-    def note_full(at: int) -> None:
-        full_at.add(at)
-        full.set()
+    def reached(at: int) -> bool:
+        with lock:
+            return at in full_at
 
     def worker(emit: Emit) -> None:
         nonlocal produced
         for i in range(n):
             with lock:
                 produced += 1
-                ahead = produced - consumed
-                at = consumed
-            if ahead == bound:
-                loop.call_soon_threadsafe(note_full, at)
+                if produced - consumed == bound:
+                    full_at.add(consumed)
             emit(i)  # must block here until the consumer reads: every slot is taken
 
     got: list[int] = []
@@ -151,9 +148,7 @@ async def test_the_worker_is_never_more_than_max_queue_size_plus_one_ahead(
             if consumed in pauses:
                 # Stall until the worker is as far ahead as it may get. A timeout here
                 # means it never got there: the stream holds back more than it must.
-                while consumed not in full_at:
-                    full.clear()
-                    await asyncio.wait_for(full.wait(), timeout=10)
+                await until(functools.partial(reached, consumed))
             try:
                 item = await items.__anext__()
             except StopAsyncIteration:
@@ -178,7 +173,7 @@ async def test_Q2_items_before_an_exception_arrive_first_then_the_exception(
     max_queue_size: int,
 ) -> None:
     boom = WorkerError("worker failed")
-    raised = asyncio.Event()
+    raised = anyio.Event()
     signal_raised = set_from_worker(raised)
 
     def worker(emit: Emit) -> None:
@@ -213,7 +208,7 @@ async def test_P2_an_exception_before_any_item_reaches_the_consumer() -> None:
 
 
 async def test_an_exception_is_not_lost_when_the_consumer_never_iterates() -> None:
-    finished = asyncio.Event()
+    finished = anyio.Event()
     signal_finished = set_from_worker(finished)
 
     def worker(emit: Emit) -> None:
@@ -286,7 +281,7 @@ async def test_break_makes_the_next_emit_raise_closing_and_waits_for_the_worker(
 
 async def test_leaving_without_reading_stops_a_blocked_worker() -> None:
     worker = EndlessWorker()
-    started = asyncio.Event()
+    started = anyio.Event()
     signal_started = set_from_worker(started)
 
     def fill_then_forever(emit: Emit) -> None:
@@ -319,7 +314,7 @@ async def test_cancelling_the_consumer_task_stops_the_worker_before_the_block_ex
     where: str,
 ) -> None:
     worker = EndlessWorker()
-    reading = asyncio.Event()
+    reading = anyio.Event()
     release_items = threading.Event()
     done_when_block_exited: list[bool] = []
 
@@ -340,18 +335,24 @@ async def test_cancelling_the_consumer_task_stops_the_worker_before_the_block_ex
                     if got == 3:
                         reading.set()
                         if where == "in the body":
-                            await asyncio.Event().wait()  # parked here until cancelled
+                            await anyio.sleep_forever()  # parked here until cancelled
         finally:
             done_when_block_exited.append(worker.done.is_set())
 
-    task = asyncio.ensure_future(consume())
-    # reading is set in the same step in which the task then suspends: in the body,
-    # or in its next `async for` wait (the worker holds item 4 back).
-    await reading.wait()
-    task.cancel()
-    release_items.set()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    async with anyio.create_task_group() as tasks:
+        scope = anyio.CancelScope()
+
+        async def consumer() -> None:
+            with scope:
+                await consume()
+
+        tasks.start_soon(consumer)
+        # reading is set in the same step in which the task then suspends: in the body,
+        # or in its next `async for` wait (the worker holds item 4 back).
+        await reading.wait()
+        scope.cancel()
+        release_items.set()
+    assert scope.cancelled_caught, "the cancellation did not come out of the block"
     assert done_when_block_exited == [True]
     assert isinstance(worker.stopped_by, Closing)
     assert worker.cancelled_at_stop is True
@@ -388,7 +389,7 @@ async def test_cancelled_turns_true_in_a_worker_once_the_consumer_has_gone() -> 
 
 async def test_P3_latest_emit_never_blocks_even_if_the_consumer_never_reads() -> None:
     n = 100_000
-    finished = asyncio.Event()
+    finished = anyio.Event()
     signal_finished = set_from_worker(finished)
 
     def worker(emit: Emit) -> int:
@@ -406,26 +407,25 @@ async def test_P3_latest_emit_never_blocks_even_if_the_consumer_never_reads() ->
 
 
 async def test_latest_delivers_the_newest_item_since_the_last_read() -> None:
-    phase = asyncio.Event()
-    signal_phase = set_from_worker(phase)
+    first_ten, second_ten = anyio.Event(), anyio.Event()
+    signal_first_ten, signal_second_ten = set_from_worker(first_ten), set_from_worker(second_ten)
     go_on = threading.Event()
 
     def worker(emit: Emit) -> None:
         for i in range(10):
             emit(i)
-        signal_phase()
+        signal_first_ten()
         go_on.wait()
         for i in range(10, 20):
             emit(i)
-        signal_phase()
+        signal_second_ten()
 
     got: list[int] = []
     async with tsfn.stream(worker, latest=True) as items:
-        await phase.wait()
+        await first_ten.wait()
         got.append(await items.__anext__())
-        phase.clear()
         go_on.set()
-        await phase.wait()
+        await second_ten.wait()
         got.extend([item async for item in items])
     assert got == [9, 19]
 
@@ -447,7 +447,7 @@ async def test_latest_is_a_strictly_increasing_subsequence_ending_with_the_last_
 
 
 async def test_latest_delivers_the_last_item_before_an_exception() -> None:
-    raised = asyncio.Event()
+    raised = anyio.Event()
     signal_raised = set_from_worker(raised)
 
     def worker(emit: Emit) -> None:

@@ -1,10 +1,11 @@
-"""AsyncWork: Node-API's napi_async_work (create / queue / cancel) on asyncio.
+"""AsyncWork: Node-API's napi_async_work (create / queue / cancel), on every loop.
 
 Node's own cases are ported where they apply: AW2 (a work completes with its result),
 AW3 and addon-api W1 (a work queued behind a full pool is cancelled: complete gets
 `napi_cancelled`, execute never runs), W2 (cancelling a work that has started fails).
 A full pool is made on purpose: every test that needs a work to stay queued gives it
-an executor with one worker and parks that worker on a `threading.Event`.
+an executor with one worker and parks that worker on a `threading.Event` (or, for
+trio's default path, takes every token of trio's default `CapacityLimiter`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
 import pytest
-from _helpers import set_from_worker
+import trio
+from _helpers import WAIT, asyncio_loop, result_of, set_from_worker
 from _loops import LoopFactory
 
 import tsfn
@@ -37,7 +42,7 @@ class RecordingComplete:
 
     def __init__(self) -> None:
         self.calls: list[Completion] = []
-        self.done = asyncio.Event()
+        self.done = anyio.Event()
 
     def __call__(self, status: Status, data: object) -> None:
         self.calls.append((status, data, threading.get_ident()))
@@ -47,8 +52,8 @@ class RecordingComplete:
 class ParkedPool:
     """An executor whose only worker is kept busy until `unpark()`, so work stays queued.
 
-    With kind "default" the pool becomes the loop's default executor and the work is
-    created without an executor (the path that goes through `run_in_executor`); with
+    With kind "default" the work is created without an executor (the path that goes
+    through `run_in_executor`, or trio's threads) and the default is parked too; with
     "explicit" the pool is passed in (the path that owns the executor's future).
     """
 
@@ -56,8 +61,9 @@ class ParkedPool:
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"parked-{kind}"
         )
+        self._unpark_default: Callable[[], None] = lambda: None
         if kind == "default":
-            asyncio.get_running_loop().set_default_executor(self.pool)
+            self._unpark_default = park_the_default(self.pool)
         self.for_work: concurrent.futures.Executor | None = None if kind == "default" else self.pool
         self._gate = threading.Event()
         self._parked = threading.Event()
@@ -71,6 +77,8 @@ class ParkedPool:
 
     def unpark(self) -> None:
         self._gate.set()
+        unpark_default, self._unpark_default = self._unpark_default, lambda: None
+        unpark_default()  # once: close() unparks again
 
     def close(self) -> None:
         self.unpark()
@@ -84,6 +92,36 @@ def parked_pool(kind: str) -> Iterator[ParkedPool]:
         yield parked
     finally:
         parked.close()
+
+
+def park_the_default(pool: concurrent.futures.ThreadPoolExecutor) -> Callable[[], None]:
+    """Park the workers of works created without an executor; return what unparks them.
+
+    On asyncio `pool`, its one worker parked, becomes the loop's default executor.
+    trio has no default executor: such works run on trio's threads, each holding a
+    token of trio's default `CapacityLimiter`, so there every token is taken instead.
+    """
+    if asyncio_loop() is not None:
+        use_as_default(pool)
+        return lambda: None
+    limiter = trio.to_thread.current_default_thread_limiter()
+    total, borrower = limiter.total_tokens, object()
+    limiter.acquire_on_behalf_of_nowait(borrower)
+    limiter.total_tokens = 1
+
+    def give_back() -> None:
+        limiter.release_on_behalf_of(borrower)
+        limiter.total_tokens = total
+
+    return give_back
+
+
+def use_as_default(pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    """Make `pool` the loop's default executor; on trio, which has none, works created
+    without an executor run on trio's threads (a free one for each, here) instead."""
+    loop = asyncio_loop()
+    if loop is not None:
+        loop.set_default_executor(pool)
 
 
 executor_kinds = pytest.mark.parametrize("kind", ["default", "explicit"])
@@ -193,8 +231,8 @@ async def test_execute_raising_stop_iteration_in_a_process_pool_reaches_the_awai
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
         work = AsyncWork(_raise_stop_iteration, complete, executor=pool)
-        with pytest.raises((StopIteration, RuntimeError)) as caught:
-            await asyncio.wait_for(work, 10)
+        with pytest.raises((StopIteration, RuntimeError)) as caught, anyio.fail_after(WAIT):
+            await work
         # The pool still works for the next work.
         assert await AsyncWork(_execute_in_child, data=1, executor=pool) is not None
     exc = caught.value
@@ -211,7 +249,7 @@ async def test_an_async_complete_is_awaited_or_refused_never_dropped() -> None:
     ran: list[Status] = []
 
     async def complete(status: Status, _: object) -> None:
-        await asyncio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         ran.append(status)
 
     try:
@@ -261,7 +299,7 @@ async def test_AW3_cancel_before_start_never_runs_and_completes_cancelled(kind: 
 
 @executor_kinds
 async def test_W2_cancel_while_running_returns_false_and_the_work_finishes(kind: str) -> None:
-    started = asyncio.Event()
+    started = anyio.Event()
     finish = threading.Event()
     signal_started = set_from_worker(started)
 
@@ -273,7 +311,7 @@ async def test_W2_cancel_while_running_returns_false_and_the_work_finishes(kind:
     complete = RecordingComplete()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     if kind == "default":
-        asyncio.get_running_loop().set_default_executor(pool)
+        use_as_default(pool)
     try:
         work = AsyncWork(execute, complete, data=1, executor=pool if kind == "explicit" else None)
         work.queue()
@@ -335,6 +373,7 @@ def test_cancel_after_a_bare_loop_close_raises_nothing(
 # -- executors ---------------------------------------------------------------------------
 
 
+@pytest.mark.asyncio_only("trio has no default executor (test_trio.py checks its threads)")
 async def test_the_loops_default_executor_is_honoured() -> None:
     with concurrent.futures.ThreadPoolExecutor(thread_name_prefix="my-default") as pool:
         asyncio.get_running_loop().set_default_executor(pool)
@@ -347,7 +386,7 @@ async def test_an_explicit_executor_is_used_instead_of_the_default() -> None:
         concurrent.futures.ThreadPoolExecutor(thread_name_prefix="my-default") as default,
         concurrent.futures.ThreadPoolExecutor(thread_name_prefix="explicit") as explicit,
     ):
-        asyncio.get_running_loop().set_default_executor(default)
+        use_as_default(default)
         name = await AsyncWork(lambda _: threading.current_thread().name, executor=explicit)
     assert name.startswith("explicit")
 
@@ -377,19 +416,9 @@ async def test_a_process_pool_runs_picklable_work_in_another_process() -> None:
 async def test_cancelling_the_awaiting_task_cancels_a_work_not_yet_started(kind: str) -> None:
     ran: list[object] = []
     complete = RecordingComplete()
-    awaiting = asyncio.Event()
     with parked_pool(kind) as parked:
         work = AsyncWork(ran.append, complete, data="d", executor=parked.for_work)
-
-        async def waiter() -> None:
-            awaiting.set()  # no suspension between this and the await below
-            await work
-
-        task = asyncio.ensure_future(waiter())
-        await awaiting.wait()  # the task now sits in `await work`
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await _cancel_the_task_awaiting(work)
         await complete.done.wait()
         parked.unpark()
     assert ran == []
@@ -401,7 +430,7 @@ async def test_cancelling_the_awaiting_task_cancels_a_work_not_yet_started(kind:
 async def test_a_started_work_sees_cancelled_once_its_awaiting_task_is_cancelled(
     kind: str,
 ) -> None:
-    started = asyncio.Event()
+    started = anyio.Event()
     signal_started = set_from_worker(started)
     seen_before: list[bool] = []
 
@@ -415,14 +444,10 @@ async def test_a_started_work_sees_cancelled_once_its_awaiting_task_is_cancelled
     complete = RecordingComplete()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     if kind == "default":
-        asyncio.get_running_loop().set_default_executor(pool)
+        use_as_default(pool)
     try:
         work = AsyncWork(execute, complete, executor=pool if kind == "explicit" else None)
-        task = asyncio.ensure_future(_await(work))
-        await started.wait()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await _cancel_the_task_awaiting(work, started)
         # The work was running, so it is not cancelled: it stops on its own and
         # completes normally.
         await complete.done.wait()
@@ -433,8 +458,25 @@ async def test_a_started_work_sees_cancelled_once_its_awaiting_task_is_cancelled
     assert await work == "stopped early"
 
 
-async def _await(work: AsyncWork[Any, Any]) -> Any:
-    return await work
+async def _cancel_the_task_awaiting(
+    work: AsyncWork[Any, Any], started: anyio.Event | None = None
+) -> None:
+    """Await `work` in a task; cancel that task once it awaits (and `started` is set)."""
+    awaiting = anyio.Event()
+
+    async def waiter() -> None:
+        awaiting.set()  # no suspension between this and the await below
+        await work
+        raise AssertionError("the awaiting task was never cancelled")
+
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(waiter)
+            await awaiting.wait()  # the task now sits in `await work`
+            if started is not None:
+                await started.wait()
+            scope.cancel()
+    assert scope.cancelled_caught, "the cancellation did not reach the awaiting task"
 
 
 async def test_cancelled_is_false_outside_workers() -> None:
@@ -446,13 +488,12 @@ async def test_cancelled_is_false_outside_workers() -> None:
     thread.join()
     assert seen == [False]
 
-    loop = asyncio.get_running_loop()
-    assert await loop.run_in_executor(None, tsfn.cancelled) is False
+    assert await anyio.to_thread.run_sync(tsfn.cancelled) is False
 
 
 async def test_a_pool_thread_forgets_the_cancelled_flag_after_the_work() -> None:
     # A flag set for one work must not leak into the next job on the same thread.
-    started = asyncio.Event()
+    started = anyio.Event()
     signal_started = set_from_worker(started)
 
     def execute(_: object) -> None:
@@ -462,13 +503,9 @@ async def test_a_pool_thread_forgets_the_cancelled_flag_after_the_work() -> None
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         complete = RecordingComplete()
-        task = asyncio.ensure_future(_await(AsyncWork(execute, complete, executor=pool)))
-        await started.wait()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await _cancel_the_task_awaiting(AsyncWork(execute, complete, executor=pool), started)
         await complete.done.wait()
-        assert await asyncio.wrap_future(pool.submit(tsfn.cancelled)) is False
+        assert await result_of(pool.submit(tsfn.cancelled)) is False
         assert await AsyncWork(lambda _: tsfn.cancelled(), executor=pool) is False
 
 
@@ -481,7 +518,7 @@ async def test_cancel_racing_the_start_either_cancels_or_runs_never_both(
     # means it ran and complete got OK. complete runs exactly once either way.
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
     if kind == "default":
-        asyncio.get_running_loop().set_default_executor(pool)
+        use_as_default(pool)
     try:
         ran: set[int] = set()
         completions: dict[int, list[Status]] = {i: [] for i in range(200)}
