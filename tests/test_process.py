@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from multiprocessing.managers import SyncManager
 from typing import Any
 
+import anyio
 import pytest
 from _helpers import WAIT, wait_until
 
@@ -57,11 +58,12 @@ def pool(request: pytest.FixtureRequest) -> Iterator[concurrent.futures.ProcessP
         yield pool
 
 
-@pytest.fixture
-def anyio_backend() -> tuple[str, dict[str, Any]]:
-    # One loop kind is enough here: the remote side never touches the loop, and each
-    # pool is costly. tests/test_stream.py runs every loop kind.
-    return ("asyncio", {})
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    # asyncio and trio, not uvloop too: the remote side never touches the loop, the
+    # loop side is the same asyncio port on both asyncio loops, and each test costs
+    # real processes. tests/test_stream.py runs every loop kind in-process.
+    return (request.param, {})
 
 
 # -- functions the worker processes run ----------------------------------------------
@@ -278,7 +280,7 @@ async def test_the_worker_is_never_more_than_max_queue_size_plus_one_ahead(
                     # Credits return in sixteenths of the queue (see _relay.py): the
                     # worker gets that close to the bound while the consumer stalls.
                     near = consumed + bound - (max(1, max_queue_size // 16) - 1)
-                    await asyncio.to_thread(wait_until, reached(attempted, near))
+                    await anyio.to_thread.run_sync(wait_until, reached(attempted, near))
     assert consumed == n
 
 
@@ -327,24 +329,29 @@ async def test_cancelling_the_consumer_task_stops_the_remote_worker_first(
     pool: concurrent.futures.Executor, manager: SyncManager
 ) -> None:
     report = manager.dict()
-    first = asyncio.Event()
+    first = anyio.Event()
+    consumer = anyio.CancelScope()
 
     async def consume() -> None:
-        async with tsfn.stream(endless, report, executor=pool, max_queue_size=4) as items:
-            async for _ in items:
-                first.set()
+        with consumer:
+            async with tsfn.stream(endless, report, executor=pool, max_queue_size=4) as items:
+                async for _ in items:
+                    first.set()
 
-    task = asyncio.ensure_future(consume())
-    await asyncio.wait_for(first.wait(), WAIT)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    async with anyio.create_task_group() as group:
+        group.start_soon(consume)
+        with anyio.fail_after(WAIT):
+            await first.wait()
+        consumer.cancel()
+    assert consumer.cancelled_caught
     assert dict(report) == {"stopped_by": "Closing", "cancelled": True}
 
 
 def test_loop_shutdown_with_a_remote_stream_running_tells_the_worker(
     manager: SyncManager,
 ) -> None:
+    """asyncio: a consumer task left running when main returns is cancelled by the
+    loop's shutdown (trio has no such task: its nurseries wait)."""
     report = manager.dict()
     context = multiprocessing.get_context("forkserver")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
@@ -426,20 +433,27 @@ async def test_cancelled_turns_true_in_a_work_running_in_a_worker_process(
     pool: concurrent.futures.Executor, manager: SyncManager
 ) -> None:
     started, report = manager.Event(), manager.dict()
-    completed = asyncio.Event()
+    completed = anyio.Event()
     work = tsfn.AsyncWork(
         wait_for_cancel,
         lambda status, _: completed.set(),
         data=(started, report),
         executor=pool,
     )
-    task = asyncio.ensure_future(work)
-    await asyncio.to_thread(started.wait, WAIT)
-    assert not work.cancel()  # it runs: too late to take it back
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await asyncio.wait_for(completed.wait(), WAIT)
+    awaiter = anyio.CancelScope()
+
+    async def await_work() -> None:
+        with awaiter:
+            await work
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(await_work)
+        await anyio.to_thread.run_sync(started.wait, WAIT)
+        assert not work.cancel()  # it runs: too late to take it back
+        awaiter.cancel()
+    assert awaiter.cancelled_caught
+    with anyio.fail_after(WAIT):
+        await completed.wait()
     assert work.status is tsfn.Status.OK
     assert dict(report) == {"cancelled": True}
 
