@@ -420,7 +420,7 @@ async def test_many_streams_leak_no_fd_thread_or_process() -> None:
             async for _ in items:
                 break  # and one left early
         wait_until(lambda: not _tsfn_threads())
-        assert open_fds() == before
+        assert open_fds() <= before  # fewer is fine: a hub's listener may have closed
         worker_after = max(pool.submit(wait_open_fds, worker_before).result() for _ in range(4))
         assert worker_after <= worker_before
         assert multiprocessing.active_children() == children

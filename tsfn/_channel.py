@@ -313,7 +313,10 @@ class Hub:
                         elif ready:
                             timeout = LINGER
                         else:
-                            del self._hubs[self._host]  # the next ticket opens a new hub
+                            # Stop listening first: a hub no longer listed refuses
+                            # connections. The next ticket opens a new hub.
+                            self._listener.close()
+                            del self._hubs[self._host]
                             return
         finally:
             self._listener.close()
