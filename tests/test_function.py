@@ -40,6 +40,7 @@ from _helpers import (
 from _loops import LoopFactory
 
 import tsfn
+from tsfn._function import _gil_enabled
 from tsfn._results import SubmitFuture
 from tsfn._running import running_port
 
@@ -1094,6 +1095,13 @@ async def test_a_producer_taking_the_token_the_drain_just_put_back_schedules_the
     assert errors == []
 
 
+# White-box tests of the unlocked path, which a free-threaded build with the GIL off never
+# takes (every call takes the lock there; see tsfn/_function.py).
+_lock_free_path_only = pytest.mark.skipif(
+    not _gil_enabled(), reason="the unlocked path is taken only with the GIL"
+)
+
+
 class _InflightWithAHook(list[None]):
     """The function's in-flight markers; tells when the loop first looks at them."""
 
@@ -1108,6 +1116,7 @@ class _InflightWithAHook(list[None]):
         return len(self) > 0
 
 
+@_lock_free_path_only
 async def test_a_call_that_passed_the_closing_check_lands_before_abort_discards() -> None:
     """An unbounded call checked `closing` (not yet set) and is about to append when the
     loop aborts. abort must wait for it, so the item is discarded like the others:
@@ -1264,6 +1273,7 @@ class _MarkedThenInterrupted(list[None]):
             raise KeyboardInterrupt
 
 
+@_lock_free_path_only
 async def test_an_interrupt_after_marking_a_call_in_flight_leaves_no_marker() -> None:
     """Issue 9, defect 3 (its 3.10 half): an interrupt between marking an unbounded call
     in flight and entering the `try` that unmarks it left the marker behind, and the
