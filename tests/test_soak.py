@@ -22,7 +22,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -30,6 +30,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import psutil
 import pytest
+from _helpers import Backend, run_on
 from _loops import LoopFactory
 
 import tsfn
@@ -38,15 +39,6 @@ from tsfn._running import running_port
 pytestmark = pytest.mark.anyio
 
 MB = 1024 * 1024
-
-Backend = tuple[str, dict[str, Any]]  # anyio_backend's: a name and its options
-
-
-def run_on(anyio_backend: Backend, main: Callable[[], Awaitable[None]]) -> None:
-    """`tsfn.run` on a new loop of the kind `anyio_backend` names (tsfn.run takes
-    anyio's form), for the sync tests that run whole loops."""
-    name, options = anyio_backend
-    tsfn.run(main, backend=name, backend_options=options)
 
 
 # -- fast: dropped objects are freed -------------------------------------------------------

@@ -104,8 +104,9 @@ class TrioPort(Port):
                 try:
                     await self.shutdown()
                 except BaseException as exc:
-                    # A system task must not raise; an interrupt from a finalizer goes
-                    # to the main task's run as trio's own KeyboardInterrupt would.
+                    # A system task must not raise (trio would crash the run with
+                    # TrioInternalError), so an interrupt from a finalizer is logged, not
+                    # raised: a known gap (docs/guarantees.md); tsfn.run raises it.
                     logger.error("Exception in the shutdown of %r", self, exc_info=exc)
                 finally:
                     self._closed = True
