@@ -258,7 +258,6 @@ def test_an_interrupt_at_loop_shutdown_still_shuts_every_function_down(
     exc_type: type[BaseException],
     ending: str,
     where: str,
-    request: pytest.FixtureRequest,
 ) -> None:
     """Issue 9, defect 7: at loop shutdown, one function's finalizer (or call_js) raising
     SystemExit or KeyboardInterrupt left every other function of that loop open and
@@ -267,14 +266,6 @@ def test_an_interrupt_at_loop_shutdown_still_shuts_every_function_down(
     Two of the three functions raise: the loop shuts its functions down in no
     particular order, and with two raising, one of them always comes before another
     function, so the test cannot pass by luck of the order."""
-    if anyio_backend[0] == "trio" and ending == "run":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="trio: tsfn's shutdown guard (a system task) logs the interrupt "
-                "instead of letting it leave trio.run",
-            )
-        )
     names = ("raises-1", "quiet", "raises-2")
     finalized: list[str] = []
     discarded: list[tuple[str, int]] = []

@@ -30,7 +30,6 @@ import pytest
 from _helpers import (
     WAIT,
     Worker,
-    asyncio_loop,
     blocked_callers,
     loop_errors,
     result_of,
@@ -362,21 +361,15 @@ async def test_submit_future_cannot_be_cancelled_once_its_callback_has_returned(
 
 @pytest.mark.parametrize("canceller", ["loop thread", "worker thread"])
 async def test_cancelling_the_future_of_a_running_async_callback_cancels_its_task(
-    canceller: str, request: pytest.FixtureRequest
+    canceller: str,
 ) -> None:
     """Issue 9, defect 6: cancelling the future of a submit() whose async callback runs
     returned True while the coroutine ran on to completion. As with
     `asyncio.run_coroutine_threadsafe`, cancelling the future cancels the task: the
-    coroutine sees CancelledError where it awaits, and does not finish."""
-    if canceller == "loop thread" and asyncio_loop() is None:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="trio: the task's cancel is deferred (call_soon_threadsafe) even on "
-                "the loop thread, lands after proceed.set() woke the task, and trio "
-                "delivers it only at a next checkpoint: the coroutine finishes anyway",
-            )
-        )
+    coroutine sees CancelledError where it awaits, and does not finish. (On trio, a
+    cancel from the loop thread once went through the loop's queue, landed after
+    `proceed.set()` had woken the task, and came too late: trio cancels only at a
+    checkpoint.)"""
     started = anyio.Event()
     proceed = anyio.Event()
     outcome: list[str] = []

@@ -109,6 +109,24 @@ def test_an_unreferenced_function_is_finalized_when_trio_run_ends() -> None:
         fn.call(1)
 
 
+def test_an_interrupt_from_a_finalizer_at_the_end_of_trio_run_follows_the_mains_error() -> None:
+    """trio.run raises a finalizer's interrupt at the end of the run (the way trio raises a
+    KeyboardInterrupt that arrives in its shutdown), with the main task's own error as its
+    context, and no TrioInternalError."""
+
+    def finalizer(_: object) -> None:
+        raise KeyboardInterrupt("from the finalizer")
+
+    async def main() -> None:
+        ThreadsafeFunction(lambda _: None, finalizer=finalizer).unref()
+        raise ValueError("from main")
+
+    with pytest.raises(KeyboardInterrupt, match="from the finalizer") as caught:
+        trio.run(main)
+    assert isinstance(caught.value.__context__, ValueError)
+    assert str(caught.value.__context__) == "from main"
+
+
 def test_callback_errors_are_logged_to_the_tsfn_logger_and_delivery_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -270,9 +270,10 @@ class Port(abc.ABC):
     def _wake_idle(self) -> None:
         idle, self._idle = self._idle, None
         if idle is not None:
-            self._loop_thread_or_soon(idle.set)
+            self.call_now_or_soon(idle.set)
 
-    def _loop_thread_or_soon(self, callback: Callable[[], object]) -> None:
+    def call_now_or_soon(self, callback: Callable[[], object]) -> None:
+        """Run `callback` now on the loop thread, else schedule it; a closed loop drops it."""
         if self.on_loop_thread():
             callback()
         else:

@@ -154,10 +154,12 @@ class Results:
             task.cancel()
 
     def _future_done(self, task: Spawned[Any], future: Future) -> None:
-        # Any thread: the caller cancelled the future of a running async callback.
+        # Any thread: the caller cancelled the future of a running async callback. On
+        # the loop thread the task is cancelled at once, while it still waits: trio
+        # delivers a cancel only at a checkpoint, so one deferred past a wake-up that
+        # is already scheduled would come too late.
         if future.cancelled():
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing runs
-                self._port.call_soon_threadsafe(task.cancel)
+            self._port.call_now_or_soon(task.cancel)
 
     def _task_done(self, owner: Owner, future: Future | None, task: Spawned[Any]) -> None:
         self.tasks.discard(task)

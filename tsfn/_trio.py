@@ -12,7 +12,8 @@ trio does to every system task once the main task has returned (or raised). The 
 then shuts the port's members down, shielded: abort, discard, finalizers. trio runs
 the entry queue in a nursery outside the system tasks' one and closes it only after
 every system task has ended, so the drains and finalizers the shutdown schedules
-still run. Then the port is closed: `call` raises `Closing`.
+still run. Then the port is closed: `call` raises `Closing`. An interrupt a member
+raised in the shutdown leaves `trio.run` as the run's outcome (`_raise_from_run`).
 
 Errors. trio has no handler for errors of callbacks (an exception escaping a
 `run_sync_soon` callback or a system task crashes the run with `TrioInternalError`).
@@ -37,6 +38,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, ClassVar, Generic, NoReturn, TypeVar
 
+import outcome
 import trio
 
 from ._loop import Event, Port, Spawned
@@ -103,11 +105,9 @@ class TrioPort(Port):
             with trio.CancelScope(shield=True):
                 try:
                     await self.shutdown()
-                except BaseException as exc:
-                    # A system task must not raise (trio would crash the run with
-                    # TrioInternalError), so an interrupt from a finalizer is logged, not
-                    # raised: a known gap (docs/guarantees.md); tsfn.run raises it.
-                    logger.error("Exception in the shutdown of %r", self, exc_info=exc)
+                except BaseException as exc:  # an interrupt from a finalizer, say
+                    if not _raise_from_run(exc):
+                        logger.error("Exception in the shutdown of %r", self, exc_info=exc)
                 finally:
                     self._closed = True
 
@@ -175,6 +175,26 @@ class TrioPort(Port):
 
     def __repr__(self) -> str:
         return f"<TrioPort {self._token!r}{' closed' if self._closed else ''}>"
+
+
+def _raise_from_run(exc: BaseException) -> bool:
+    """Make `trio.run` raise `exc` once it ends; False where trio offers no way.
+
+    A system task must not raise: trio would crash the run with TrioInternalError. But
+    the main task has returned by the time the guard runs, and trio raises from `run`
+    what its runner holds as the main task's outcome. That is how trio itself raises a
+    KeyboardInterrupt that arrives during its shutdown (`Runner.ki_pending`), so the
+    interrupt takes the same way, chained to the main task's own error if it had one.
+    The runner is private to trio: if a later trio has none, the interrupt is logged.
+    """
+    runner = getattr(trio._core._run.GLOBAL_RUN_CONTEXT, "runner", None)
+    before = getattr(runner, "main_task_outcome", None)
+    if not isinstance(before, (outcome.Value, outcome.Error)):
+        return False
+    if isinstance(before, outcome.Error) and before.error is not exc:
+        exc.__context__ = before.error
+    runner.main_task_outcome = outcome.Error(exc)  # type: ignore[union-attr]
+    return True
 
 
 class _Future(Generic[R]):
