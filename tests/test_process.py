@@ -505,3 +505,39 @@ def test_tsfn_imports_and_streams_through_a_pool_without_dask() -> None:
         env={**os.environ, "PYTHONPATH": os.pathsep.join([here, *sys.path])},
     )
     assert (done.returncode, done.stdout) == (0, "[0, 1, 2]\n"), done.stderr
+
+
+# -- loky: not a concurrent.futures.ProcessPoolExecutor --------------------------------------
+#
+# loky's executor pickles its jobs (with cloudpickle) to run them in other processes, but
+# it is not a ProcessPoolExecutor, and tsfn does not special-case it. An AsyncWork needs
+# nothing from tsfn across the boundary (its outcome comes back through loky's future); a
+# stream's in-process worker would emit into a copy of the stream, so it refuses.
+
+
+@pytest.fixture(scope="module")
+def loky_pool() -> Iterator[concurrent.futures.Executor]:
+    loky = pytest.importorskip("loky", reason="loky is not installed")
+    pool = loky.ProcessPoolExecutor(max_workers=1)
+    try:
+        pool.submit(open_fds).result(WAIT)  # its manager thread lives as long as the pool
+        yield pool
+    finally:
+        pool.shutdown()
+
+
+async def test_a_work_runs_on_loky_and_returns_through_its_future(
+    loky_pool: concurrent.futures.Executor,
+) -> None:
+    pid = await tsfn.AsyncWork(lambda _: os.getpid(), executor=loky_pool)
+    assert pid != os.getpid()
+
+
+async def test_a_stream_on_loky_fails_with_an_error_that_names_what_works(
+    loky_pool: concurrent.futures.Executor,
+) -> None:
+    async with tsfn.stream(count_to, 3, executor=loky_pool) as items:
+        with pytest.raises(pickle.PicklingError) as caught:  # loky's, from ours
+            await items.__anext__()
+    # Its cause is the text of tsfn's TypeError, as loky formats an error it caught.
+    assert "ProcessPoolExecutor or a Dask" in str(caught.value.__cause__)

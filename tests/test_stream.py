@@ -13,13 +13,15 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import itertools
+import pickle
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import pytest
-from _helpers import set_from_worker, until
+from _helpers import WAIT, set_from_worker, until
 
 import tsfn
 from tsfn import Closing
@@ -94,6 +96,61 @@ async def test_the_worker_runs_on_the_executor_given() -> None:
     assert len(names) == 1
     assert names[0].startswith("stream-pool")
     assert items.result == names[0]
+
+
+async def test_a_job_the_executor_cancels_before_it_runs_ends_the_stream() -> None:
+    """A pool shut down with cancel_futures=True drops the stream's queued job: the
+    consumer gets the executor's CancelledError instead of waiting for ever."""
+    busy = threading.Event()
+    free = threading.Event()
+
+    def occupy() -> None:
+        busy.set()
+        free.wait(WAIT)
+
+    def worker(emit: Emit) -> None:
+        emit(1)
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        pool.submit(occupy)
+        assert await anyio.to_thread.run_sync(busy.wait, WAIT)
+        async with tsfn.stream(worker, executor=pool) as items:
+            pool.shutdown(wait=False, cancel_futures=True)
+            with pytest.raises(concurrent.futures.CancelledError):
+                await items.__anext__()
+    finally:
+        free.set()
+        pool.shutdown()
+
+
+class PicklingExecutor(concurrent.futures.ThreadPoolExecutor):
+    """Sends each job as a process pool would: pickled, then run from the copy, and a
+    job that does not pickle fails its future (as loky's feeder thread does)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        def sent() -> object:
+            copy = pickle.loads(pickle.dumps((fn, args, kwargs)))
+            return copy[0](*copy[1], **copy[2])
+
+        return super().submit(sent)
+
+
+async def test_an_executor_that_pickles_its_jobs_is_refused_with_a_clear_error() -> None:
+    """A stream's in-process worker sent to another process would emit into a copy of
+    the stream: the consumer would wait for ever. It refuses to be pickled, naming the
+    executors that do cross processes."""
+    ran: list[None] = []
+
+    def worker(emit: Emit) -> None:
+        ran.append(None)
+        emit(1)
+
+    with PicklingExecutor() as pool:
+        async with tsfn.stream(worker, executor=pool) as items:
+            with pytest.raises(TypeError, match="ProcessPoolExecutor or a Dask"):
+                await items.__anext__()
+    assert ran == []
 
 
 def emits_nothing(emit: Emit) -> None:

@@ -21,7 +21,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sized
 from types import TracebackType
-from typing import Any, Concatenate, Generic, TypeVar
+from typing import Any, Concatenate, Generic, NoReturn, TypeVar
 
 from ._cancel import CancelFlag, run_with_flag
 from ._checks import check_callable, check_count
@@ -196,6 +196,7 @@ class Stream(Generic[Y, R]):
         self._max_queue_size = max_queue_size
         self._latest = latest
         self._remote: RemoteStream | None = None  # func runs in another process
+        self._started = False  # _run_worker began, in this process
         self._flag = CancelFlag()
         self._port: Port | None = None
         self._items: _Queued[Y] | _Latest[Y] | None = None
@@ -219,6 +220,7 @@ class Stream(Generic[Y, R]):
     def _run_worker(self, body: Callable[[], R] | None = None) -> None:
         # `body`: for a remote function, its relay, which returns or raises its outcome.
         assert self._items is not None
+        self._started = True
         try:
             self._result = (
                 body()
@@ -231,6 +233,28 @@ class Stream(Generic[Y, R]):
             self._error = _reraisable(exc)
         finally:
             self._items.fn.release()  # the last producer leaves: drain the rest, then end
+
+    def _unless_run(self, job: concurrent.futures.Future[None]) -> None:
+        # Any thread. A job an executor cancelled (shut down with `cancel_futures`) or
+        # failed to send (it pickles jobs: see __reduce__) never ran _run_worker, so
+        # nothing would release the function: end the stream with the executor's error.
+        if self._started:
+            return
+        assert self._items is not None
+        self._error = (
+            job.exception() if not job.cancelled() else concurrent.futures.CancelledError()
+        ) or RuntimeError(f"{self._executor!r} reported the stream's job done but never ran it")
+        self._items.fn.release()
+
+    def __reduce__(self) -> NoReturn:
+        # An executor that pickles its jobs runs them in another process, where the
+        # items would go to a copy of this stream: refuse, so that the stream ends with
+        # this error instead of waiting for items that never come.
+        raise TypeError(
+            f"tsfn.stream cannot send its worker through {self._executor!r}: it pickles "
+            "its jobs to run them in another process; tsfn crosses processes with a "
+            "concurrent.futures.ProcessPoolExecutor or a Dask distributed.Client"
+        )
 
     # -- loop side ---------------------------------------------------------------------
 
@@ -285,7 +309,9 @@ class Stream(Generic[Y, R]):
             if self._executor is None:
                 self._worker = port.run_in_worker(self._run_worker)
             elif self._host is None:
-                self._worker = port.wrap_future(self._executor.submit(self._run_worker))
+                job = self._executor.submit(self._run_worker)
+                job.add_done_callback(self._unless_run)
+                self._worker = port.wrap_future(job)
             else:
                 self._worker = port.wrap_future(self._start_remote(self._executor, self._host))
         except BaseException:
