@@ -16,7 +16,9 @@ tsfn looks at the loop. The async tests run on every loop; trio's own arguments
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
+import pickle
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -225,6 +227,18 @@ def test_async_work_rejects_a_bad_argument(
     with pytest.raises(error) as caught:
         tsfn.AsyncWork(execute, complete, **kwargs)
     _check_message(caught.value, argument, value)
+
+
+async def test_a_function_refuses_to_be_pickled_saying_what_crosses_processes() -> None:
+    """A copy in another process would take calls that reach no loop (the items lost):
+    pickling it (a process pool's job, copy.copy) fails at once, saying what to use."""
+    fn: tsfn.ThreadsafeFunction[int] = tsfn.ThreadsafeFunction(lambda _: None)
+    for thing in (fn, fn.call):
+        with pytest.raises(TypeError, match=r"cannot be pickled.*tsfn\.stream"):
+            pickle.dumps(thing)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        copy.copy(fn)
+    fn.release()
 
 
 async def test_async_work_queued_twice_raises_runtime_error() -> None:

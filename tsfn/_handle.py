@@ -16,7 +16,7 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeAlias, overload
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeAlias, overload
 
 from typing_extensions import Self, TypeVar
 
@@ -285,6 +285,14 @@ class Handle(Generic[T, R]):
         return (
             f"<ThreadsafeFunction {label!r} {state} threads={self._life.threads} "
             f"queued={len(self._queue)}>"
+        )
+
+    def __reduce__(self) -> NoReturn:
+        # A copy in another process would take calls that reach no loop.
+        raise TypeError(
+            f"{self!r} cannot be pickled: it belongs to its event loop, in this process. "
+            "To send items from another process, run the producer with tsfn.stream on a "
+            "concurrent.futures.ProcessPoolExecutor or a Dask distributed.Client"
         )
 
 
