@@ -26,6 +26,7 @@ import hmac
 import logging
 import os
 import secrets
+import select
 import selectors
 import socket
 import struct
@@ -34,7 +35,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ._errors import TsfnError
 
@@ -130,7 +131,7 @@ class Channel:
     kernel reset the connection and drop what the other side had not read yet).
     """
 
-    __slots__ = ("__weakref__", "_closed", "_frames", "_lock", "_ready", "sock")
+    __slots__ = ("__weakref__", "_closed", "_frames", "_lock", "_poller", "_ready", "sock")
 
     def __init__(self, sock: socket.socket, frames: _Frames | None = None) -> None:
         self.sock = sock
@@ -139,6 +140,7 @@ class Channel:
         self._closed = False
         self._frames = frames or _Frames(MAX_FRAME)
         self._ready: deque[tuple[int, bytes]] = deque()
+        self._poller: Any = None  # select.poll, made by the first recv with a timeout
 
     def send(self, kind: int, payload: bytes = b"") -> None:
         """Send one frame; raises OSError if the connection is broken or closed."""
@@ -165,7 +167,7 @@ class Channel:
         ``(IDLE, b"")`` when `timeout` seconds pass first. Raises ChannelError on a
         frame cut short or oversized."""
         while not self._ready:
-            if timeout is not None and not _readable(self.sock, timeout):
+            if timeout is not None and not self._readable(timeout):
                 return IDLE, b""
             try:
                 data = self.sock.recv(1 << 20)
@@ -181,6 +183,17 @@ class Channel:
             self._ready.extend(self._frames.feed(data))
         return self._ready.popleft()
 
+    def _readable(self, timeout: float) -> bool:
+        # The reader waits once per frame: one poll object for the channel's life, not
+        # a selector per wait (an epoll fd made and closed each time cost more than
+        # the frame). Where there is no poll (Windows), select has no fd-number limit.
+        if not hasattr(select, "poll"):
+            return bool(select.select([self.sock], [], [], timeout)[0])
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self.sock, select.POLLIN)
+        return bool(self._poller.poll(timeout * 1000))
+
     def end(self) -> None:
         """Tell the peer nothing more will be sent (it reads an end of stream)."""
         with self._lock:
@@ -192,12 +205,6 @@ class Channel:
         with self._lock:
             self._closed = True
         self.sock.close()
-
-
-def _readable(sock: socket.socket, timeout: float) -> bool:
-    with selectors.DefaultSelector() as selector:
-        selector.register(sock, selectors.EVENT_READ)
-        return bool(selector.select(timeout))
 
 
 def connect(address: tuple[str, int], hello: bytes) -> Channel:
