@@ -19,10 +19,16 @@ constructor's checks, state and liveness live in `_handle.py`; admission, produc
 counting and closing in `_lifecycle.py`; the tasks and futures that deliveries leave
 behind in `_results.py`; the event loop behind the port of `_loop.py`.
 
-Locking. A bounded queue admits, and takes the wake token, under its lifecycle's
-lock; the drain puts the token back and looks at the queue again under it too. An
-unbounded queue with the GIL takes no lock: the hot path, since a lock every producer
-takes convoys under the GIL (3x slower with 4 producers; see benchmarks/). It relies
+Locking. A bounded queue admits (waits for room, appends) under its lifecycle's
+lock, and the drain puts the wake token back and looks at the queue again under it
+too, so the lock orders each append against each look; the producer takes the token
+only after releasing the lock. (asyncio's wake-up writes to a socket, which releases
+the GIL: with the lock still held, every other producer and the drain queued behind
+that write, 3x slower with 4 producers.) An append ordered after a look finds the
+token put back (the lock's release and acquire order them, with or without the GIL);
+one ordered before it is seen by the look. An unbounded queue with the GIL takes no
+lock: the hot path, since a lock every producer takes convoys under the GIL (3x
+slower with 4 producers; see benchmarks/). It relies
 on single operations being atomic (`deque.append` / `popleft`, `list.append` / `pop`
 for the wake token and the in-flight markers, one attribute read)
 and on two hand-offs:
@@ -177,9 +183,7 @@ class ThreadsafeFunction(Handle[T, R]):
             timeout = check_timeout(timeout)
         life = self._life
         if not self._lock_free:
-            # Admitted, and the wake token taken, under the lifecycle's lock.
-            if life.admit(self, self._queue.append, data, block, timeout, self._wake_if_idle):
-                return
+            life.admit(self, self._queue.append, data, block, timeout)
         else:
             if life.state is not _OPEN:  # refused without marking: see _wait_for_inflight
                 raise life.closing_error(self)
@@ -191,18 +195,15 @@ class ThreadsafeFunction(Handle[T, R]):
                 self._queue.append(data)
             finally:
                 inflight.pop()
-            if not self._wake_token or self._wake():
-                return
-            life.lose_loop()
+        # Outside the lock (see "Locking" above).
+        if not self._wake_token or self._wake():
+            return
+        life.lose_loop()
         if not self._finalizing:
             # The loop was closed under us. Had it shut down properly, the function
             # would have finalized, handing our item to call_js first; it did not (a
             # bare loop.close()): the item stays with the caller.
             raise life.closing_error(self)
-
-    def _wake_if_idle(self) -> bool:
-        """Schedule a drain unless one is pending; False if the loop is closed."""
-        return not self._wake_token or self._wake()
 
     def call_nowait(self, data: T = None) -> None:  # type: ignore[assignment]
         """`call(data, block=False)`: queue `data` or raise `QueueFull` at once."""
@@ -311,7 +312,7 @@ class ThreadsafeFunction(Handle[T, R]):
                     try:
                         token.pop()
                     except IndexError:
-                        return  # a lock-free producer took it back: it schedules the drain
+                        return  # a producer took it back: it schedules the drain
                     self._port.call_soon(self._drain)
                     return
             if life.state is not _OPEN:

@@ -129,12 +129,10 @@ class Lifecycle:
         data: Any,
         block: bool,
         timeout: float | None,
-        wake: Callable[[], bool],
-    ) -> bool:
-        """`append(data)` once there is room, then `wake()`, all under the lock.
+    ) -> None:
+        """`append(data)` under the lock, once there is room.
 
         See `ThreadsafeFunction.call`; an unbounded queue (`max_size` 0) never waits.
-        Returns False if the wake-up found the loop closed (then closing, for callers).
         """
         with self.lock:
             if self.state is not State.OPEN or self._loop_closed():
@@ -142,11 +140,6 @@ class Lifecycle:
             if self.max_size and self._occupied() >= self.max_size:
                 self._wait_for_room(who, block, timeout)
             append(data)
-            if wake():
-                return True
-            if self.state is State.OPEN:
-                self._close(State.CLOSING)
-            return False
 
     def _wait_for_room(self, who: object, block: bool, timeout: float | None) -> None:
         # With the lock held and no room; returns with room for one item.
