@@ -185,12 +185,12 @@ class ThreadsafeFunction(Handle[T, R]):
         if not self._lock_free:
             life.admit(self, self._queue.append, data, block, timeout)
         else:
-            if life.state is not _OPEN:  # refused without marking: see _wait_for_inflight
+            if not life.open:  # refused without marking: see _wait_for_inflight
                 raise life.closing_error(self)
             inflight = self._inflight
             try:
                 inflight.append(None)  # first inside the try: see "Interrupts" above
-                if life.state is not _OPEN or self._loop_closed():
+                if not life.open or self._loop_closed():
                     raise life.closing_error(self)
                 self._queue.append(data)
             finally:
@@ -262,7 +262,7 @@ class ThreadsafeFunction(Handle[T, R]):
         invoke = self._invoke
         low = self._low_water
         # Locals, not globals, in the loop below (a global lookup per item shows).
-        submission, aborted = Submission, _ABORTED
+        submission = Submission
         try:
             # The plain-item path is inlined: a method call per item would double
             # the drain's cost (see benchmarks/).
@@ -284,7 +284,7 @@ class ThreadsafeFunction(Handle[T, R]):
                     else:
                         if result is not None:
                             self._results.returned(self, result, None)
-                if life.state is aborted:
+                if life.aborted:
                     break
         finally:
             self._settle()

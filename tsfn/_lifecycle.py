@@ -42,8 +42,10 @@ class Lifecycle:
         "_not_full",
         "_occupied",
         "_on_loop_thread",
+        "aborted",
         "lock",
         "max_size",
+        "open",
         "state",
         "threads",
         "waiters",
@@ -61,6 +63,10 @@ class Lifecycle:
         self.lock = threading.Lock()
         self._not_full = threading.Condition(self.lock)
         self.state = State.OPEN  # written under the lock, read anywhere
+        # The state as the hot paths test it, one attribute load each (call, the drain):
+        # set with it, in `_close`.
+        self.open = True
+        self.aborted = False
         self.threads = threads
         self.waiters = 0  # callers blocked in _wait_for_room
         self.max_size = max_size  # 0: unbounded
@@ -86,6 +92,8 @@ class Lifecycle:
     def _close(self, state: State) -> None:
         # Under the lock: the one place the state moves.
         self.state = state
+        self.open = False
+        self.aborted = state is State.ABORTED
         self._not_full.notify_all()
 
     # -- producers ---------------------------------------------------------------------
@@ -135,7 +143,7 @@ class Lifecycle:
         See `ThreadsafeFunction.call`; an unbounded queue (`max_size` 0) never waits.
         """
         with self.lock:
-            if self.state is not State.OPEN or self._loop_closed():
+            if not self.open or self._loop_closed():
                 raise self.closing_error(who)
             if self.max_size and self._occupied() >= self.max_size:
                 self._wait_for_room(who, block, timeout)
