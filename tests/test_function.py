@@ -313,6 +313,7 @@ async def test_submit_future_cannot_be_cancelled_while_its_callback_runs() -> No
 
     def submitter() -> tuple[bool, bool, object]:
         future = fn.submit(21)
+        fn.release()  # here, not on the loop: released first, submit would raise Closing
         assert running.wait(WAIT)
         try:
             was_running, cancelled = future.running(), future.cancel()
@@ -321,7 +322,6 @@ async def test_submit_future_cannot_be_cancelled_while_its_callback_runs() -> No
         return was_running, cancelled, future.result(WAIT)
 
     worker = start(submitter)
-    fn.release()
     await fn.wait_closed()
     worker.finish()
     assert worker.error is None, repr(worker.error)

@@ -402,9 +402,14 @@ def _tsfn_threads() -> list[str]:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts fds in /proc/self/fd")
-async def test_many_streams_leak_no_fd_thread_or_process() -> None:
+async def test_many_streams_leak_no_fd_thread_or_process(manager: SyncManager) -> None:
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:
+        # Both workers first: the pool starts processes on demand, and one started
+        # during the streams would count as two fds (its pipes) and a process more.
+        both = manager.Barrier(2)
+        for job in [pool.submit(both.wait, WAIT) for _ in range(2)]:
+            job.result()
         async with tsfn.stream(count_to, 10, executor=pool) as items:
             async for _ in items:
                 pass  # the pool's processes and pipes exist from here on
