@@ -277,9 +277,9 @@ async def test_the_worker_is_never_more_than_max_queue_size_plus_one_ahead(
                 consumed += 1
                 assert attempted.value - consumed <= bound
                 if consumed in (1, n // 2):
-                    # Credits return in sixteenths of the queue (see _relay.py): the
+                    # Credits return in quarters of the queue (see _relay.py): the
                     # worker gets that close to the bound while the consumer stalls.
-                    near = consumed + bound - (max(1, max_queue_size // 16) - 1)
+                    near = consumed + bound - (max(1, max_queue_size // 4) - 1)
                     await anyio.to_thread.run_sync(wait_until, reached(attempted, near))
     assert consumed == n
 
