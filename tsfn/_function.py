@@ -13,8 +13,9 @@ The data path reads top to bottom in this module:
 
 The bound is Node's: an item frees its slot when the drain takes it to deliver it,
 so at most `max_queue_size` items are accepted and not yet handed to the callback,
-plus the one being delivered. Blocked producers are woken once half the queue is
-free (and at the end of each batch): one wake-up per half queue, not per item. The
+plus the one being delivered. Blocked producers are woken one at a time, once half
+the queue is free (and at the end of each batch, if the one woken has run): one
+wake-up per half queue, not per item (see `Lifecycle.room_made`). The
 constructor's checks, state and liveness live in `_handle.py`; admission, producer
 counting and closing in `_lifecycle.py`; the tasks and futures that deliveries leave
 behind in `_results.py`; the event loop behind the port of `_loop.py`.
