@@ -40,7 +40,7 @@ from benchmarks import _cases, _node
 from benchmarks._cases import Sink, run_on
 from benchmarks._peers import bridges
 
-__all__ = ["child", "main"]
+__all__ = ["SCENARIOS", "child", "main", "per_item", "timed"]
 
 SCENARIOS = ("loop", "floor", "call", "drain", "wake", "raw")
 
@@ -120,8 +120,9 @@ def per_item(scenario: str, loop_kind: str, n: int) -> float:
     return (_instructions(scenario, loop_kind, 2 * n) - _instructions(scenario, loop_kind, n)) / n
 
 
-def _timed(n: int, rounds: int) -> dict[str, Any]:
-    """Nanoseconds per item, medians of interleaved rounds: floor, tsfn P=1, Node P=1."""
+def timed(n: int, rounds: int, *, node: bool = True) -> dict[str, Any]:
+    """Nanoseconds per item, medians of interleaved rounds: floor, tsfn P=1, Node P=1
+    (if `node` and Node is here); and tsfn's items per drain."""
     import statistics
 
     from tsfn import _function
@@ -134,9 +135,10 @@ def _timed(n: int, rounds: int) -> dict[str, Any]:
         drain(self)
 
     tsfn_bridge = bridges("asyncio")["tsfn"]
-    node: str | None = None
-    with contextlib.suppress(RuntimeError):  # no Node here: its row is left out
-        node = _node.build()
+    version: str | None = None
+    if node:
+        with contextlib.suppress(RuntimeError):  # no Node here: its row is left out
+            version = _node.build()
     times: dict[str, list[float]] = {"floor": [], "tsfn": [], "node": []}
     drains = 0
     for _ in range(rounds):
@@ -152,13 +154,13 @@ def _timed(n: int, rounds: int) -> dict[str, Any]:
         finally:
             _function.ThreadsafeFunction._drain = drain  # type: ignore[method-assign]
         drains += wakes[0]
-        if node:
+        if version:
             seconds = _node.run(n, 1, 0, timeout=30)
             if seconds:
                 times["node"].append(seconds / n * 1e9)
     out: dict[str, Any] = {k: statistics.median(v) for k, v in times.items() if v}
     out["items per drain"] = n * rounds / drains if drains else None
-    out["node version"] = node
+    out["node version"] = version
     return out
 
 
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     call = ir["call"] - ir["loop"]
     drain = ir["drain"] - ir["call"] - callback
     print(f"instructions per item (callgrind, N={n} and {2 * n}), unbounded, asyncio:")
-    print(f"  floor (loop + callback)       {ir['floor'] - ir['loop'] + ir['loop']:8.0f}")
+    print(f"  floor (loop + callback)       {ir['floor']:8.0f}")
     print(f"  callback (Sink.put)           {callback:8.0f}")
     print(f"  producer call (no wake-up)    {call:8.0f}")
     print(f"  drain, per item in a batch    {drain:8.0f}")
@@ -196,15 +198,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"one item per loop iteration, {loop_kind}:")
         print(f"  raw call_soon_threadsafe      {raw:8.0f}")
         print(f"  tsfn (call, wake, drain, settle) {wake:5.0f}  (+{wake - raw:.0f})")
-    timed = _timed(args.timed_n, args.rounds)
+    times = timed(args.timed_n, args.rounds)
     print(f"timed, ns per item (median of {args.rounds} rounds, N={args.timed_n}):")
     for key in ("floor", "tsfn", "node"):
-        if key in timed:
-            print(f"  {key:28s}  {timed[key]:8.1f}")
-    if timed["items per drain"]:
-        print(f"  tsfn items per drain (P=1)    {timed['items per drain']:8.0f}")
-    if timed["node version"]:
-        print(f"  (Node {timed['node version']})")
+        if key in times:
+            print(f"  {key:28s}  {times[key]:8.1f}")
+    if times["items per drain"]:
+        print(f"  tsfn items per drain (P=1)    {times['items per drain']:8.0f}")
+    if times["node version"]:
+        print(f"  (Node {times['node version']})")
     return 0
 
 

@@ -5,17 +5,20 @@ run instead of passing quietly, and `python -m benchmarks` writes its tables."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks import _cases, _memory, _node, _remote, _suite
+from benchmarks import _cases, _costs, _memory, _node, _remote, _suite
 from benchmarks._cases import Failed, run_on
 from benchmarks._peers import BRIDGES, Bridge, RawBridge, Send, bridges
 
 LOOPS = _cases.loop_kinds()
 # The stream pair is asyncio code (run_in_executor, asyncio.Queue): not run on trio.
 ASYNCIO_LOOPS = [loop for loop in LOOPS if loop != "trio"]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.timeout(20)
@@ -166,3 +169,24 @@ def test_streams_from_other_processes_carry_every_item() -> None:
                 assert p50_ns > 0
     finally:
         _remote.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("scenario", _costs.SCENARIOS)
+def test_cost_scenarios_run_and_check_their_sums(scenario: str) -> None:
+    # What `python -m benchmarks._costs` counts under callgrind, here without it: each
+    # scenario exits at once, so each runs in a process of its own.
+    for loop in ("asyncio", "uvloop") if scenario in ("wake", "raw") else ("asyncio",):
+        if loop == "uvloop" and "uvloop" not in LOOPS:
+            continue
+        cmd = [sys.executable, "-m", "benchmarks._costs", "--child", scenario, loop, "500"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
+        assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.timeout(30)
+def test_cost_timings_count_the_drains() -> None:
+    times = _costs.timed(2000, 1, node=False)
+    assert times["floor"] > 0
+    assert times["tsfn"] > 0
+    assert times["items per drain"] >= 1
