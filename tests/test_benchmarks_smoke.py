@@ -190,3 +190,35 @@ def test_cost_timings_count_the_drains() -> None:
     assert times["floor"] > 0
     assert times["tsfn"] > 0
     assert times["items per drain"] >= 1
+
+
+def test_targets_hold_issue_15s_rows() -> None:
+    from benchmarks._report import NODE, RAW, TSFN, LatencyRow, Results, Row
+
+    def row(loop: str, method: str, producers: int, maxsize: int, rate: float) -> Row:
+        return Row("throughput", loop, method, producers, maxsize, rounds=[rate])
+
+    results = Results({}, {})
+    results.rows += [row("asyncio", TSFN, 1, 64, 900.0), row("-", NODE, 1, 64, 600.0)]
+    results.rows += [row("asyncio", TSFN, p, 64, rate) for p, rate in ((4, 700.0), (16, 600.0))]
+    results.latency += [
+        LatencyRow("asyncio", TSFN, "idle", 1, 0, samples_ns=[30_000] * 100),
+        LatencyRow("asyncio", RAW, "idle", 1, 0, samples_ns=[20_000] * 100),
+    ]
+    found = {t["target"]: (t["measured"], t["status"]) for t in results.targets()}
+    assert found["P=1 bounded 64: tsfn / Node's own >= 1"] == (1.5, "met")
+    assert found["bounded 64: tsfn P=4 / P=1 >= 0.8"][1] == "MISSED"  # 0.78
+    assert found["bounded 64: tsfn P=16 / P=1 >= 0.7"][1] == "MISSED"  # 0.67
+    assert found["p50 at 1 item/ms: tsfn / call_soon_threadsafe <= 1.2"] == (1.5, "MISSED")
+    assert found["p99 at 1 item/ms: tsfn / call_soon_threadsafe"] == (1.5, "reported")
+
+
+def test_node_rows_get_five_rounds_unless_quick() -> None:
+    options, _out = _suite._parse(["--no-write"])
+    assert (options.rounds, options.node_rounds) == (3, 5)
+    options, _out = _suite._parse(["--quick", "--no-write"])
+    assert (options.rounds, options.node_rounds) == (1, 1)
+    cases = {case.id: case for case in _suite._rate_cases(options)}
+    assert cases["throughput/node/p1/bounded64"].extra_rounds
+    assert cases["throughput/asyncio/tsfn/p1/bounded64"].extra_rounds
+    assert not cases["throughput/asyncio/tsfn/p4/bounded64"].extra_rounds
