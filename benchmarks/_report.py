@@ -214,7 +214,7 @@ class Results:
         gil = "" if m.get("gil", True) else ", free-threaded"
         more = c.get("node_rounds", c.get("rounds"))
         extra = (
-            f" ({more} for Node's rows and asyncio's tsfn P=1 rows)"
+            f" ({more} for the P=1 rows of Node and of asyncio's tsfn)"
             if more != c.get("rounds")
             else ""
         )

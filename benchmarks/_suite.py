@@ -30,15 +30,15 @@ PRODUCERS = (1, 4, 16)
 BOUNDED = 64
 NODE_PRODUCERS = (1, 4)
 # Node's own rows vary the most from run to run (issue 15: 1.1x to 3.9x tsfn between
-# runs), so they, and the asyncio tsfn rows they are compared with, get more
-# interleaved rounds than the rest; the other rows keep the shorter default.
+# runs), so its one-thread rows, and the asyncio tsfn rows they are compared with, get
+# more interleaved rounds than the rest; the other rows keep the shorter default.
 NODE_ROUNDS = 5
 
 
 @dataclass
 class Options:
     rounds: int
-    node_rounds: int  # rounds of the Node rows and of the tsfn rows compared with them
+    node_rounds: int  # rounds of Node's P=1 rows and of the tsfn rows compared with them
     seconds: float
     max_n: int
     n: int | None  # fixed N for every throughput case (no calibration)
@@ -59,7 +59,7 @@ class RateCase:
     fixed_n: int | None = None
     seconds: float | None = None  # what one run should take, if not --seconds
     unavailable: str | None = None  # why it cannot run here (if not a bridge's reason)
-    extra_rounds: bool = False  # runs `Options.node_rounds` rounds (Node's noisy rows)
+    extra_rounds: bool = False  # runs `Options.node_rounds` rounds (Node's P=1 rows)
 
 
 # Remote runs are longer than the in-process ones (their items come in batches, and
@@ -196,7 +196,8 @@ def _rate_cases(options: Options) -> list[RateCase]:
                 case_id = f"throughput/node/p{producers}/{_queue_id(maxsize)}"
                 run = _node_run(producers, maxsize, timeout=3.0)
                 n = options.n or options.max_n
-                cases.append(RateCase(case_id, row, run, fixed_n=n, extra_rounds=True))
+                extra = producers == 1  # the rows the targets compare; P=4 bounded hangs
+                cases.append(RateCase(case_id, row, run, fixed_n=n, extra_rounds=extra))
     streams: list[tuple[str, Callable[[int, int, float], Awaitable[float]]]] = [
         (f"{TSFN}.stream", _cases.stream_tsfn),
         ("hand-written", _cases.stream_handwritten),
@@ -281,7 +282,7 @@ def _run_rates(options: Options, results: Results) -> None:
         return
     _log(
         f"throughput: {len(runnable)} cases x {options.rounds} rounds "
-        f"(Node's and the tsfn rows compared with them: {options.node_rounds})"
+        f"(Node's P=1 rows and the tsfn rows compared with them: {options.node_rounds})"
     )
     for case in runnable:  # the warm-up round: one short run each, which picks N
         if case.fixed_n is not None:
@@ -309,7 +310,8 @@ def _run_rates(options: Options, results: Results) -> None:
     for case in runnable:
         hung = case.row.note.count(_node.HANG)
         if hung:
-            case.row.note = f"{_node.HANG} in {hung} of {options.node_rounds} runs"
+            rounds = options.node_rounds if case.extra_rounds else options.rounds
+            case.row.note = f"{_node.HANG} in {hung} of {rounds} runs"
 
 
 def _attempt(case: RateCase, n: int) -> float | None:

@@ -222,3 +222,4 @@ def test_node_rows_get_five_rounds_unless_quick() -> None:
     assert cases["throughput/node/p1/bounded64"].extra_rounds
     assert cases["throughput/asyncio/tsfn/p1/bounded64"].extra_rounds
     assert not cases["throughput/asyncio/tsfn/p4/bounded64"].extra_rounds
+    assert not cases["throughput/node/p4/bounded64"].extra_rounds
