@@ -427,7 +427,8 @@ class Results:
             idle = {r.method: r.percentile(0.5) for r in idle_rows}
             idle99 = {r.method: r.percentile(0.99) for r in idle_rows}
             idle99_raw = idle99.get(_raw(loop))
-            # (target, value, divided by, need, sense); `None` divisor: value is absolute.
+            # (target, value, divided by, need, sense); a divisor of 1: value is absolute,
+            # a missing one (None): not measured.
             Spec = tuple[str, float | None, float | None, float, str]
             trio = loop == "trio"
             specs: list[Spec] = (
@@ -477,12 +478,10 @@ class Results:
                 small, large = growth[0], growth[-1]
                 grew = large.growth_mib - small.growth_mib
                 target = f"bounded 64: RSS growth, N={large.n} minus N={small.n}, MiB"
-                specs.append((target, grew, None, 1.0, "<="))
+                specs.append((target, grew, 1, 1.0, "<="))
             specs += self._remote_specs(loop)
             for target, value, divisor, need, sense in specs:
-                measured = (
-                    value if divisor is None else (value / divisor if value and divisor else None)
-                )
+                measured = value / divisor if value is not None and divisor else None
                 out.append(self._judge(loop, target, measured, need, sense, divisor, floor))
         return out
 

@@ -200,6 +200,7 @@ def test_targets_hold_issue_15s_rows() -> None:
 
     results = Results({}, {})
     results.rows += [row("asyncio", TSFN, 1, 64, 900.0), row("-", NODE, 1, 64, 600.0)]
+    results.rows.append(row("asyncio", TSFN, 1, 0, 2000.0))  # and no aiologic row
     results.rows += [row("asyncio", TSFN, p, 64, rate) for p, rate in ((4, 700.0), (16, 600.0))]
     results.latency += [
         LatencyRow("asyncio", TSFN, "idle", 1, 0, samples_ns=[30_000] * 100),
@@ -211,6 +212,7 @@ def test_targets_hold_issue_15s_rows() -> None:
     assert found["bounded 64: tsfn P=16 / P=1 >= 0.7"][1] == "MISSED"  # 0.67
     assert found["p50 at 1 item/ms: tsfn / call_soon_threadsafe <= 1.2"] == (1.5, "MISSED")
     assert found["p99 at 1 item/ms: tsfn / call_soon_threadsafe"] == (1.5, "reported")
+    assert found["P=1 unbounded: tsfn / aiologic >= 1.5"] == (None, "not measured")
 
 
 def test_node_rows_get_five_rounds_unless_quick() -> None:
