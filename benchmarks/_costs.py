@@ -166,7 +166,7 @@ def timed(n: int, rounds: int, *, node: bool = True) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks._costs", description=__doc__)
-    parser.add_argument("--n", type=int, default=20_000, help="items per counted run")
+    parser.add_argument("--n", type=int, default=10_000, help="items per counted run")
     parser.add_argument("--loops", default="asyncio,uvloop", help="loops for the wake-ups")
     parser.add_argument("--timed-n", type=int, default=200_000, help="items per timed run")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds")
