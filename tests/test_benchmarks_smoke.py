@@ -5,17 +5,20 @@ run instead of passing quietly, and `python -m benchmarks` writes its tables."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks import _cases, _memory, _node, _remote, _suite
+from benchmarks import _cases, _costs, _memory, _node, _remote, _suite
 from benchmarks._cases import Failed, run_on
 from benchmarks._peers import BRIDGES, Bridge, RawBridge, Send, bridges
 
 LOOPS = _cases.loop_kinds()
 # The stream pair is asyncio code (run_in_executor, asyncio.Queue): not run on trio.
 ASYNCIO_LOOPS = [loop for loop in LOOPS if loop != "trio"]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.timeout(20)
@@ -166,3 +169,59 @@ def test_streams_from_other_processes_carry_every_item() -> None:
                 assert p50_ns > 0
     finally:
         _remote.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("scenario", _costs.SCENARIOS)
+def test_cost_scenarios_run_and_check_their_sums(scenario: str) -> None:
+    # What `python -m benchmarks._costs` counts under callgrind, here without it: each
+    # scenario exits at once, so each runs in a process of its own.
+    for loop in ("asyncio", "uvloop") if scenario in ("wake", "raw") else ("asyncio",):
+        if loop == "uvloop" and "uvloop" not in LOOPS:
+            continue
+        cmd = [sys.executable, "-m", "benchmarks._costs", "--child", scenario, loop, "500"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
+        assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.timeout(30)
+def test_cost_timings_count_the_drains() -> None:
+    times = _costs.timed(2000, 1, node=False)
+    assert times["floor"] > 0
+    assert times["tsfn"] > 0
+    assert times["items per drain"] >= 1
+
+
+def test_targets_hold_issue_15s_rows() -> None:
+    from benchmarks._report import NODE, RAW, TSFN, LatencyRow, Results, Row
+
+    def row(loop: str, method: str, producers: int, maxsize: int, rate: float) -> Row:
+        return Row("throughput", loop, method, producers, maxsize, rounds=[rate])
+
+    results = Results({}, {})
+    results.rows += [row("asyncio", TSFN, 1, 64, 900.0), row("-", NODE, 1, 64, 600.0)]
+    results.rows.append(row("asyncio", TSFN, 1, 0, 2000.0))  # and no aiologic row
+    results.rows += [row("asyncio", TSFN, p, 64, rate) for p, rate in ((4, 700.0), (16, 600.0))]
+    results.latency += [
+        LatencyRow("asyncio", TSFN, "idle", 1, 0, samples_ns=[30_000] * 100),
+        LatencyRow("asyncio", RAW, "idle", 1, 0, samples_ns=[20_000] * 100),
+    ]
+    found = {t["target"]: (t["measured"], t["status"]) for t in results.targets()}
+    assert found["P=1 bounded 64: tsfn / Node's own >= 1"] == (1.5, "met")
+    assert found["bounded 64: tsfn P=4 / P=1 >= 0.8"][1] == "MISSED"  # 0.78
+    assert found["bounded 64: tsfn P=16 / P=1 >= 0.7"][1] == "MISSED"  # 0.67
+    assert found["p50 at 1 item/ms: tsfn / call_soon_threadsafe <= 1.2"] == (1.5, "MISSED")
+    assert found["p99 at 1 item/ms: tsfn / call_soon_threadsafe"] == (1.5, "reported")
+    assert found["P=1 unbounded: tsfn / aiologic >= 1.5"] == (None, "not measured")
+
+
+def test_node_rows_get_five_rounds_unless_quick() -> None:
+    options, _out = _suite._parse(["--no-write"])
+    assert (options.rounds, options.node_rounds) == (3, 5)
+    options, _out = _suite._parse(["--quick", "--no-write"])
+    assert (options.rounds, options.node_rounds) == (1, 1)
+    cases = {case.id: case for case in _suite._rate_cases(options)}
+    assert cases["throughput/node/p1/bounded64"].extra_rounds
+    assert cases["throughput/asyncio/tsfn/p1/bounded64"].extra_rounds
+    assert not cases["throughput/asyncio/tsfn/p4/bounded64"].extra_rounds
+    assert not cases["throughput/node/p4/bounded64"].extra_rounds

@@ -86,6 +86,8 @@ __all__ = ["ThreadsafeFunction"]
 BATCH = 1000
 
 _OPEN, _ABORTED = State.OPEN, State.ABORTED
+# Two, not one: CPython shrinks a list's storage once it is less than half full.
+_PLACEHOLDERS = 2
 
 
 class ThreadsafeFunction(Handle[T, R]):
@@ -145,7 +147,10 @@ class ThreadsafeFunction(Handle[T, R]):
         queue: deque[T] = deque()  # producers append, only the loop pops
         self._queue = queue
         self._wake_token: list[None] = [None]  # holds None while no drain is pending
-        self._inflight: list[None] = []  # unbounded calls between check and append
+        # Unbounded calls between check and append, one marker each after the two
+        # placeholders: a list that never empties keeps its storage, where emptying it
+        # would free and reallocate it on every call.
+        self._inflight: list[None] = [None] * _PLACEHOLDERS
         self._life = Lifecycle(
             threads=initial_thread_count,
             max_size=max_queue_size,
@@ -281,7 +286,10 @@ class ThreadsafeFunction(Handle[T, R]):
         try:
             # The plain-item path is inlined: a method call per item would double
             # the drain's cost (see benchmarks/).
-            for _ in range(min(len(queue), BATCH)):  # only this thread pops
+            # Not min(): on 3.11 it parses its arguments as keywords, a few hundred
+            # instructions per drain.
+            count = len(queue)
+            for _ in range(count if count < BATCH else BATCH):  # only this thread pops
                 item = take()
                 if life.waiters and len(queue) <= low:
                     low = -1  # once a batch; _settle covers the rest
@@ -380,7 +388,7 @@ class ThreadsafeFunction(Handle[T, R]):
         # it holds no lock and runs no user code, so this wait is a few instructions.
         # Calls made after closing began are refused before they mark themselves, so
         # producers that keep calling cannot keep this wait going.
-        while self._inflight:
+        while len(self._inflight) > _PLACEHOLDERS:
             time.sleep(0)  # let it have the GIL
 
     def _finish(self) -> None:
