@@ -75,7 +75,7 @@ from typing import Any, cast
 from ._checks import check_timeout
 from ._handle import Finalizer, Handle, R, T
 from ._lifecycle import Lifecycle, State
-from ._loop import Port
+from ._loop import Membership, Port
 from ._results import Results, Submission, SubmitFuture, let_through
 
 __all__ = ["ThreadsafeFunction"]
@@ -173,7 +173,7 @@ class ThreadsafeFunction(Handle[T, R]):
         self._finalizing = False
         self._closed = False
         self._closed_event = None  # made by the first wait_closed()
-        self._membership = port.join(self)
+        port.join(self)  # hands us our membership: _joined
 
     # -- producer side: any thread -----------------------------------------------------
 
@@ -407,6 +407,9 @@ class ThreadsafeFunction(Handle[T, R]):
             self._mark_closed()
 
     # The loop's shutdown (see _loop.Member): on the loop thread, loop still running.
+
+    def _joined(self, membership: Membership) -> None:
+        self._membership = membership
 
     def _shutdown(self) -> None:
         self.abort()

@@ -31,6 +31,11 @@ R_co = TypeVar("R_co", covariant=True)
 class Member(Protocol):
     """Something that must be shut down on the loop thread before its loop closes."""
 
+    def _joined(self, membership: Membership) -> None:
+        """Keep `membership`. `Port.join` calls this before anything can call
+        `_shutdown`: the loop thread may run a late member's shutdown before `join`
+        has returned to the thread that joined."""
+
     def _shutdown(self) -> None:
         """Stop now (loop thread, loop still running): abort, start finishing."""
 
@@ -176,13 +181,15 @@ class Port(abc.ABC):
 
     # -- membership and liveness -------------------------------------------------------
 
-    def join(self, member: Member) -> Membership:
-        """Make `member` shut down with the loop and keep `tsfn.run` alive. Any thread.
+    def join(self, member: Member) -> None:
+        """Make `member` shut down with the loop and keep `tsfn.run` alive, through
+        the `Membership` it hands to `member._joined`. Any thread.
 
         Joining a loop whose shutdown has begun (from an executor thread that is
         being joined, say) shuts the member down as soon as the loop can run it.
         """
         membership = Membership(self, member)
+        member._joined(membership)
         with self._lock:
             shut_down = self._shut_down
             if not shut_down:
@@ -197,7 +204,6 @@ class Port(abc.ABC):
                 RuntimeError
             ):  # closed already: the member's own closed-loop checks refuse calls
                 self.call_soon_threadsafe(member._shutdown)
-        return membership
 
     def _hold(self, delta: int) -> None:
         with self._lock:

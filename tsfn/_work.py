@@ -183,7 +183,7 @@ class AsyncWork(Generic[D, R]):
         self._port = port
         self._done = port.event()
         done.add_done_callback(self._on_done)
-        self._membership = port.join(self)
+        port.join(self)  # hands us our membership: _joined
         return self
 
     def cancel(self) -> bool:
@@ -244,6 +244,9 @@ class AsyncWork(Generic[D, R]):
             self._done.set()
 
     # The loop's shutdown (see _loop.Member): on the loop thread, loop still running.
+
+    def _joined(self, membership: Membership) -> None:
+        self._membership = membership
 
     def _shutdown(self) -> None:
         # Whatever has not started never will; a running execute is told through
