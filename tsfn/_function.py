@@ -128,7 +128,7 @@ class ThreadsafeFunction(Handle[T, R]):
         unread: Sized | None = None,
     ) -> None:
         # The constructor, after the argument checks. `unread` (for `stream`'s subclass):
-        # delivered items stay counted while they sit in it.
+        # delivered items wait there, and keep their slots until the reader frees them.
         self._port = port
         self._callback = callback
         self._call_js = call_js
@@ -154,7 +154,9 @@ class ThreadsafeFunction(Handle[T, R]):
         self._life = Lifecycle(
             threads=initial_thread_count,
             max_size=max_queue_size,
-            occupied=queue.__len__ if unread is None else lambda: len(queue) + len(unread),
+            # With a reader, slots are counted: an item taken out of the queue to be
+            # delivered into `unread` must not look like a free slot on its way there.
+            occupied=queue.__len__ if unread is None else None,
             loop_closed=port.is_closed,
             on_loop_thread=port.on_loop_thread,
         )

@@ -38,11 +38,13 @@ class Lifecycle:
     """Producers, slots and the closing state of one function."""
 
     __slots__ = (
+        "_counted",
         "_loop_closed",
         "_not_full",
         "_occupied",
         "_on_loop_thread",
         "aborted",
+        "held",
         "lock",
         "max_size",
         "open",
@@ -57,7 +59,7 @@ class Lifecycle:
         *,
         threads: int,
         max_size: int,
-        occupied: Callable[[], int],
+        occupied: Callable[[], int] | None,
         loop_closed: Callable[[], bool],
         on_loop_thread: Callable[[], bool],
     ) -> None:
@@ -72,7 +74,11 @@ class Lifecycle:
         self.waiters = 0  # callers blocked in _wait_for_room
         self.woken = 0  # of those, woken by room_made and not yet back (at most this)
         self.max_size = max_size  # 0: unbounded
-        self._occupied = occupied  # slots taken: what the bound counts
+        # Slots taken, what the bound counts: the queue's length, or (None) the items
+        # admitted and not yet freed by `read_one`, counted here.
+        self.held = 0
+        self._counted = occupied is None
+        self._occupied = occupied or self._held
         self._loop_closed = loop_closed
         self._on_loop_thread = on_loop_thread
 
@@ -149,6 +155,8 @@ class Lifecycle:
                 raise self.closing_error(who)
             if self.max_size and self._occupied() >= self.max_size:
                 self._wait_for_room(who, block, timeout)
+            if self._counted:
+                self.held += 1  # before the append: an interrupt between errs short
             append(data)
 
     def _wait_for_room(self, who: object, block: bool, timeout: float | None) -> None:
@@ -194,6 +202,15 @@ class Lifecycle:
             raise
         finally:
             self.waiters -= 1
+
+    def _held(self) -> int:
+        return self.held
+
+    def read_one(self) -> None:
+        """A reader took an admitted item: its slot is free (counted slots only)."""
+        with self.lock:
+            self.held -= 1
+        self.room_made()
 
     def room_made(self) -> None:
         """Slots were freed: wake one waiter if there is room.

@@ -90,7 +90,7 @@ class _ReaderBound(ThreadsafeFunction[Y, None]):
 
     def read_one(self) -> None:
         """The reader took an item out of `unread`: its slot is free. Loop thread."""
-        self._life.room_made()
+        self._life.read_one()
 
 
 class _Queued(Generic[Y]):
