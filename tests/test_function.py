@@ -1076,7 +1076,7 @@ async def test_a_producer_taking_the_token_the_drain_just_put_back_schedules_the
 
     fn: tsfn.ThreadsafeFunction[str] = tsfn.ThreadsafeFunction(callback)
     if not fn._lock_free:
-        pytest.skip("no GIL: producers take the token under the lock")
+        pytest.skip("no GIL: the hooked call would take the lock the drain holds here")
     hook = _ProducerHook(threading.get_ident())
     fn._wake_token = _TokenWithAPutBackHook(hook)
     with loop_errors() as errors, anyio.fail_after(WAIT):
