@@ -75,8 +75,8 @@ from typing import Any, cast
 from ._checks import check_timeout
 from ._handle import Finalizer, Handle, R, T
 from ._lifecycle import Lifecycle, State
-from ._loop import Membership, Port
-from ._results import Results, Submission, SubmitFuture, let_through
+from ._loop import Membership, Port, let_through
+from ._results import Results, Submission, SubmitFuture
 
 __all__ = ["ThreadsafeFunction"]
 
@@ -356,10 +356,7 @@ class ThreadsafeFunction(Handle[T, R]):
         try:
             result = self._call_js(None, None, self._context, item)
         except BaseException as exc:
-            if let_through(exc):
-                self._port.interrupted(exc)
-            else:
-                self._report("Exception in call_js discarding an item", exc)
+            self._port.fault(f"Exception in call_js discarding an item of {self!r}", exc, tsfn=self)
         else:
             if result is not None:
                 self._results.returned(self, result, None)  # an async call_js runs to its end
@@ -401,10 +398,7 @@ class ThreadsafeFunction(Handle[T, R]):
             if self._finalizer is not None:
                 self._finalizer(self._context)
         except BaseException as exc:
-            if let_through(exc):
-                self._port.interrupted(exc)
-            else:
-                self._report("Exception in the finalizer", exc)
+            self._port.fault(f"Exception in the finalizer of {self!r}", exc, tsfn=self)
         finally:
             self._mark_closed()
 

@@ -28,6 +28,11 @@ R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
 
 
+def let_through(exc: BaseException) -> bool:
+    """True for the exceptions that are requests to stop, not faults to report."""
+    return isinstance(exc, (KeyboardInterrupt, SystemExit))
+
+
 class Member(Protocol):
     """Something that must be shut down on the loop thread before its loop closes."""
 
@@ -264,6 +269,15 @@ class Port(abc.ABC):
         if not self._shutting_down:
             raise exc
         self._interrupt = self._interrupt or exc
+
+    def fault(self, message: str, exc: BaseException, **extra: Any) -> None:
+        """A member's code on the loop thread raised `exc` (a finalizer, `complete`,
+        `call_js` discarding): an interrupt goes on as `interrupted` says; anything
+        else is reported, and the member goes on."""
+        if let_through(exc):
+            self.interrupted(exc)
+        else:
+            self.report(message, exc, **extra)
 
     async def wait_idle(self) -> None:
         """Return once nothing referenced is left (Node's loop would then exit)."""

@@ -21,16 +21,11 @@ import threading
 from inspect import isawaitable
 from typing import Any, Generic, Protocol, TypeVar
 
-from ._loop import Port, Spawned
+from ._loop import Port, Spawned, let_through
 
-__all__ = ["Results", "Submission", "SubmitFuture", "let_through"]
+__all__ = ["Results", "Submission", "SubmitFuture"]
 
 T = TypeVar("T")
-
-
-def let_through(exc: BaseException) -> bool:
-    """True for the exceptions that are requests to stop, not faults to report."""
-    return isinstance(exc, (KeyboardInterrupt, SystemExit))
 
 
 class SubmitFuture(concurrent.futures.Future[T]):

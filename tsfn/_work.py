@@ -20,7 +20,6 @@ from ._cancel import CancelFlag, run_with_flag
 from ._checks import check_callable, check_name, check_plain_callable
 from ._loop import Event, Membership, Port, Spawned
 from ._relay import DaskClient, RemoteWork, executor_of
-from ._results import let_through
 from ._running import running_port
 
 __all__ = ["AsyncWork", "Status"]
@@ -233,12 +232,7 @@ class AsyncWork(Generic[D, R]):
             if self._complete is not None:
                 self._complete(status, self._data)
         except BaseException as error:
-            if let_through(error):
-                self._port.interrupted(error)
-            else:
-                self._port.report(
-                    f"Exception in the complete callback of {self!r}", error, work=self
-                )
+            self._port.fault(f"Exception in the complete callback of {self!r}", error, work=self)
         finally:
             self._membership.leave()
             self._done.set()
