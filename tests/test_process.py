@@ -27,6 +27,7 @@ from typing import Any
 import anyio
 import pytest
 from _helpers import WAIT, wait_until
+from _loops import asyncio_run
 
 import tsfn
 from tsfn import Closing
@@ -56,14 +57,6 @@ def pool(request: pytest.FixtureRequest) -> Iterator[concurrent.futures.ProcessP
         for _ in concurrent.futures.as_completed([pool.submit(open_fds) for _ in range(2)]):
             pass
         yield pool
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
-    # asyncio and trio, not uvloop too: the remote side never touches the loop, the
-    # loop side is the same asyncio port on both asyncio loops, and each test costs
-    # real processes. tests/test_stream.py runs every loop kind in-process.
-    return (request.param, {})
 
 
 # -- functions the worker processes run ----------------------------------------------
@@ -369,6 +362,70 @@ def test_loop_shutdown_with_a_remote_stream_running_tells_the_worker(
             assert not task.done()
 
         asyncio.run(main())
+    assert dict(report) == {"stopped_by": "Closing", "cancelled": True}
+
+
+def test_a_loop_closed_under_a_remote_stream_tells_the_worker(manager: SyncManager) -> None:
+    """A bare loop.close() runs no shutdown and strands the consumer: the relay finds
+    the loop closed, tells the worker, and reads its channel to the end (the pool's
+    shutdown would hang otherwise, and the test's timeout fail it)."""
+    report = manager.dict()
+    context = multiprocessing.get_context("forkserver")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        loop = asyncio.new_event_loop()
+
+        async def start() -> asyncio.Task[None]:
+            first = asyncio.Event()
+
+            async def consume() -> None:
+                async with tsfn.stream(endless, report, executor=pool) as items:
+                    async for _ in items:
+                        first.set()
+
+            task = asyncio.ensure_future(consume())
+            await asyncio.wait_for(first.wait(), WAIT)
+            return task
+
+        task = loop.run_until_complete(start())
+        loop.close()
+    assert dict(report) == {"stopped_by": "Closing", "cancelled": True}
+    assert not task.done()  # stranded, as a bare close leaves every task
+
+
+class NoSocketWatching(asyncio.SelectorEventLoop):
+    """A loop that watches no sockets, as asyncio's proactor loop (Windows)."""
+
+    def add_reader(self, *args: Any) -> None:  # type: ignore[override]  # refuses any
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("max_queue_size", [0, 1, 64])
+def test_on_a_loop_that_watches_no_sockets_the_relay_delivers_every_item(
+    max_queue_size: int, pool: concurrent.futures.Executor
+) -> None:
+    async def main() -> tuple[list[int], str]:
+        async with tsfn.stream(
+            count_to, 300, max_queue_size=max_queue_size, executor=pool
+        ) as items:
+            got = [item async for item in items]
+        return got, items.result
+
+    got, result = asyncio_run(main(), loop_factory=NoSocketWatching)
+    assert got == list(range(300))
+    assert result == "counted to 300"
+
+
+def test_on_a_loop_that_watches_no_sockets_leaving_early_stops_the_worker(
+    manager: SyncManager, pool: concurrent.futures.Executor
+) -> None:
+    report = manager.dict()
+
+    async def main() -> None:
+        async with tsfn.stream(endless, report, executor=pool) as items:
+            async for _ in items:
+                break
+
+    asyncio_run(main(), loop_factory=NoSocketWatching)
     assert dict(report) == {"stopped_by": "Closing", "cancelled": True}
 
 

@@ -25,6 +25,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import socket
 import sys
 import threading
 import weakref
@@ -141,6 +142,19 @@ class AsyncioPort(Port):
 
     def wrap_future(self, future: concurrent.futures.Future[R]) -> Spawned[R]:
         return asyncio.wrap_future(future, loop=self.loop)
+
+    def watch_readable(
+        self, sock: socket.socket, callback: Callable[[], object]
+    ) -> Callable[[], None] | None:
+        try:
+            self.loop.add_reader(sock, callback)
+        except NotImplementedError:
+            return None  # a proactor loop (Windows) watches no sockets
+
+        def stop() -> None:
+            self.loop.remove_reader(sock)
+
+        return stop
 
     async def join_uncancellable(self, awaitable: Awaitable[Any]) -> bool:
         future = asyncio.ensure_future(awaitable, loop=self.loop)

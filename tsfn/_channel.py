@@ -45,7 +45,6 @@ __all__ = [
     "CREDIT",
     "ERROR",
     "HELLO",
-    "IDLE",
     "ITEMS",
     "MAX_FRAME",
     "RESULT",
@@ -57,9 +56,8 @@ __all__ = [
     "connect",
 ]
 
-# Frame kinds. IDLE is never sent: `Channel.recv` returns it when its timeout passes.
+# Frame kinds.
 HELLO, START, ITEMS, RESULT, ERROR, CREDIT, CANCEL = range(7)
-IDLE = -1
 
 _HEADER = struct.Struct("!IB")
 _ID_BYTES = 16
@@ -83,6 +81,11 @@ _SPENT = 1024
 AUTH_TIMEOUT = 5.0
 
 _log = logging.getLogger("tsfn")
+
+# A read that never waits, without making the socket non-blocking for the senders
+# (poll objects must not be shared between threads either). Windows has no such flag,
+# and its select no fd-number limit.
+_DONTWAIT: int | None = getattr(socket, "MSG_DONTWAIT", None)
 
 
 class ChannelError(TsfnError):
@@ -123,7 +126,8 @@ class _Frames:
 
 
 class Channel:
-    """One authenticated connection: `send` from any thread, `recv` on one.
+    """One authenticated connection: `send` from any thread; `recv` and `read_now`
+    on one thread at a time.
 
     Sends are serialised by a lock and never raise once the channel is closed
     (`tell`); `close` is idempotent. Whoever reads keeps reading until the peer's end
@@ -140,7 +144,7 @@ class Channel:
         self._closed = False
         self._frames = frames or _Frames(MAX_FRAME)
         self._ready: deque[tuple[int, bytes]] = deque()
-        self._poller: Any = None  # select.poll, made by the first recv with a timeout
+        self._poller: Any = None  # select.poll, made by the first wait_readable
 
     def send(self, kind: int, payload: bytes = b"") -> None:
         """Send one frame; raises OSError if the connection is broken or closed."""
@@ -162,37 +166,62 @@ class Channel:
             return False
         return True
 
-    def recv(self, timeout: float | None = None) -> tuple[int, bytes] | None:
-        """The next frame; None at the peer's end of stream (or reset), or
-        ``(IDLE, b"")`` when `timeout` seconds pass first. Raises ChannelError on a
-        frame cut short or oversized."""
+    def recv(self) -> tuple[int, bytes] | None:
+        """The next frame, waiting for it; None at the peer's end of stream (or reset).
+        Raises ChannelError on a frame cut short or oversized."""
         while not self._ready:
-            if timeout is not None and not self._readable(timeout):
-                return IDLE, b""
-            try:
-                data = self.sock.recv(1 << 20)
-            except ConnectionError:
-                data = b""  # the peer's process died: as its end of stream
-            if not data:
-                if self._frames.pending():
-                    raise ChannelError(
-                        f"the connection closed in the middle of a frame "
-                        f"({self._frames.pending()} bytes of it arrived)"
-                    )
+            if not self._fill(wait=True):
                 return None
-            self._ready.extend(self._frames.feed(data))
         return self._ready.popleft()
 
-    def _readable(self, timeout: float) -> bool:
-        # The reader waits once per frame: one poll object for the channel's life, not
-        # a selector per wait (an epoll fd made and closed each time cost more than
-        # the frame). Where there is no poll (Windows), select has no fd-number limit.
+    def read_now(self) -> list[tuple[int, bytes]] | None:
+        """The frames that have arrived, without waiting (maybe none); None at the
+        peer's end of stream (or reset). Raises ChannelError as `recv` does."""
+        if not self._ready and not self._fill(wait=False):
+            return None
+        frames = list(self._ready)
+        self._ready.clear()
+        return frames
+
+    def wait_readable(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for something to read (a frame, or the end of
+        stream); True if there is. Reads nothing."""
+        if self._ready:
+            return True
+        # One poll object for the channel's life, not a selector per wait (an epoll fd
+        # made and closed each time cost more than the frame). Where there is no poll
+        # (Windows), select has no fd-number limit.
         if not hasattr(select, "poll"):
             return bool(select.select([self.sock], [], [], timeout)[0])
         if self._poller is None:
             self._poller = select.poll()
             self._poller.register(self.sock, select.POLLIN)
         return bool(self._poller.poll(timeout * 1000))
+
+    def _fill(self, *, wait: bool) -> bool:
+        """Read once, waiting for something only if `wait`; False at the end of stream."""
+        try:
+            if wait:
+                data = self.sock.recv(1 << 20)
+            elif _DONTWAIT is not None:
+                data = self.sock.recv(1 << 20, _DONTWAIT)
+            elif select.select([self.sock], [], [], 0)[0]:
+                data = self.sock.recv(1 << 20)
+            else:
+                return True
+        except BlockingIOError:
+            return True  # nothing yet
+        except ConnectionError:
+            data = b""  # the peer's process died: as its end of stream
+        if not data:
+            if self._frames.pending():
+                raise ChannelError(
+                    f"the connection closed in the middle of a frame "
+                    f"({self._frames.pending()} bytes of it arrived)"
+                )
+            return False
+        self._ready.extend(self._frames.feed(data))
+        return True
 
     def end(self) -> None:
         """Tell the peer nothing more will be sent (it reads an end of stream)."""

@@ -3,7 +3,8 @@
 Everything tsfn asks of an event loop goes through a `Port`: schedule a callback
 from any thread, tell whether this thread runs the loop, report an exception the way
 the loop reports its own, make events to await, spawn a task for an awaitable
-result, run a function on a worker, and learn that the loop is shutting down. Each
+result, run a function on a worker, watch a socket, and learn that the loop is
+shutting down. Each
 loop family implements those primitives once (`_asyncio.py`, which asyncio's default
 loop and uvloop share, and `_trio.py`; `_running.py` finds the running one); what is
 the same for every loop lives here: membership and liveness.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import socket
 import threading
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, ClassVar, NoReturn, Protocol, TypeVar
@@ -170,6 +172,15 @@ class Port(abc.ABC):
     @abc.abstractmethod
     def wrap_future(self, future: Any) -> Spawned[Any]:
         """A loop future following a `concurrent.futures.Future`. Loop thread."""
+
+    @abc.abstractmethod
+    def watch_readable(
+        self, sock: socket.socket, callback: Callable[[], object]
+    ) -> Callable[[], None] | None:
+        """Call `callback()` on the loop thread each time `sock` has something to read,
+        until the returned function is called (loop thread; the socket may be closed
+        after it). None: this loop cannot watch sockets (asyncio's proactor loop).
+        Loop thread; `callback` must not raise."""
 
     @abc.abstractmethod
     async def join_uncancellable(self, awaitable: Awaitable[Any]) -> bool:

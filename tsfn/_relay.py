@@ -17,6 +17,7 @@ executor's future, as without a channel.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import pickle
 import socket
 import sys
@@ -37,7 +38,7 @@ from ._channel import (
     Hub,
     Ticket,
 )
-from ._errors import Closing
+from ._loop import Port
 from ._remote import ITEM_SIZE, serve_stream, serve_work
 
 __all__ = ["DaskClient", "RemoteStream", "RemoteWork", "executor_of"]
@@ -46,6 +47,10 @@ R = TypeVar("R")
 Y = TypeVar("Y")
 
 _LOOPBACK = "127.0.0.1"
+
+# How often a stream's relay looks whether its loop was closed under it (as blocked
+# callers of a ThreadsafeFunction do).
+POLL = 0.1
 
 
 class DaskClient(Protocol):
@@ -214,29 +219,40 @@ class RemoteWork(_Job):
 
 
 class RemoteStream(_Job):
-    """A stream's job in another process, and the relay thread that reads its channel.
+    """A stream's job in another process, and the reading of its channel.
 
-    `run(body)` is the stream's worker routine: it runs `body` (which returns the
-    function's result or raises its exception) and ends the stream. `emit` is the
-    in-process function's blocking call, which never has to wait here: the credits
-    keep what is sent within its queue.
+    The loop reads the channel itself (`Port.watch_readable`) and hands each batch of
+    items to `deliver` there. A *relay* thread ends the stream: it waits for the
+    loop's reading to end (the worker's end of stream, a fault, or `detach`), reads
+    whatever is left, waits for the job's outcome, and runs `run(body)`, the stream's
+    worker routine, with a `body` that returns the function's result or raises its
+    exception. The relay reads and delivers (through the loop's callbacks) only where
+    the loop cannot: a loop that watches no sockets, and a loop closed under the
+    stream, which runs no shutdown (it finds that out within POLL seconds). Once the
+    stream is detached, the rest is read and dropped. Reading always goes on to the
+    worker's end of stream (see `Channel`).
     """
 
     def __init__(
         self,
         host: str,
-        emit: Callable[[Any], None],
+        port: Port,
+        deliver: Callable[[list[Any]], None],
         run: Callable[[Callable[[], Any]], None],
         max_queue_size: int,
         latest: bool,
     ) -> None:
         super().__init__(host)
-        self._emit = emit
-        self._batched = not latest
+        self._port = port
+        self._deliver = deliver
         self._run = run
         self._begun = False
         self._discarding = False  # the consumer has gone: read on, deliver nothing
         self._failure: BaseException | None = None
+        self._outcome: tuple[int, bytes] | None = None  # the RESULT or ERROR frame
+        self._stop_watching: Callable[[], None] | None = None  # loop thread only
+        self._off_loop = threading.Event()  # the loop reads no more: the relay goes on
+        self._read_to_end = False  # nothing is left to read (end of stream, or a fault)
         self.finished: concurrent.futures.Future[None] = concurrent.futures.Future()
         # Credits go back in quarters of the queue, as the worker sends: a credit frame
         # per batch. (Sixteenths, tried first, kept the worker closer to the bound
@@ -277,15 +293,26 @@ class RemoteStream(_Job):
                     owed, self._owed = self._owed, 0
                     channel = self.channel
                     if channel is not None:
-                        # A write that fails (the worker died) is ignored: the relay
+                        # A write that fails (the worker died) is ignored: the reader
                         # still reads every frame that arrived before.
                         channel.tell(CREDIT, owed.to_bytes(4, "big"))
             return got, item
 
         return take_and_credit
 
+    def detach(self) -> None:
+        """The stream has ended or was aborted: stop the job; the rest of what it
+        sends is read off the loop, and dropped. Loop thread."""
+        self.cancel()
+        self._discarding = True
+        self._leave_loop()
+
     def on_connect(self, channel: Channel) -> None:
         self._begin()
+        try:
+            self._port.call_soon_threadsafe(self._watch)
+        except RuntimeError:  # the loop has closed: the relay reads
+            self._off_loop.set()
 
     def never_connected(self) -> None:
         self._begin()
@@ -297,6 +324,38 @@ class RemoteStream(_Job):
             self._begun = True
         threading.Thread(target=self._relay_thread, name="tsfn-relay", daemon=True).start()
 
+    # -- on the loop thread ------------------------------------------------------------
+
+    def _watch(self) -> None:
+        channel = self.channel
+        if channel is not None and not self._discarding:
+            self._stop_watching = self._port.watch_readable(channel.sock, self._readable)
+        if self._stop_watching is None:
+            self._off_loop.set()
+
+    def _readable(self) -> None:
+        channel = self.channel
+        assert channel is not None  # the relay drops it only once the loop stopped reading
+        try:
+            frames = channel.read_now()
+            if frames is not None:
+                self._take(frames, self._deliver)
+        except ChannelError as exc:
+            self._fail(exc)
+            frames = None
+        if frames is None:
+            self._read_to_end = True
+        if frames is None or self._discarding:
+            self._leave_loop()
+
+    def _leave_loop(self) -> None:
+        stop, self._stop_watching = self._stop_watching, None
+        if stop is not None:
+            stop()
+        self._off_loop.set()
+
+    # -- on the relay thread -----------------------------------------------------------
+
     def _relay_thread(self) -> None:
         try:
             self._run(self._relay)
@@ -304,15 +363,18 @@ class RemoteStream(_Job):
             self.finished.set_result(None)
 
     def _relay(self) -> Any:
-        """On the relay thread: deliver every item; return or raise the outcome."""
+        """Read what the loop did not; return or raise the function's outcome."""
         channel = self.channel
-        outcome: tuple[int, bytes] | None = None
         if channel is not None:
+            # A loop closed under the stream runs no shutdown, so nothing would tell.
+            while not self._off_loop.wait(POLL) and not self._port.is_closed():
+                pass
             try:
-                outcome = self._read(channel)
+                if not self._read_to_end:
+                    while (frame := channel.recv()) is not None:
+                        self._take([frame], self._deliver_soon)
             except ChannelError as exc:
-                self._failure = self._failure or exc
-                self.cancel()
+                self._fail(exc)
             finally:
                 with self._lock:
                     self.channel = None
@@ -320,49 +382,47 @@ class RemoteStream(_Job):
         job_error = self.outcome()  # the function has returned, or its process died
         if self._failure is not None:
             raise self._failure
-        if outcome is None:
+        if self._outcome is None:
             raise job_error or ChannelError(
                 "the worker's connection closed before its function returned"
             )
-        kind, payload = outcome
+        kind, payload = self._outcome
         if kind == RESULT:
             return pickle.loads(payload)
         raise _rebuild(payload)
 
-    def _read(self, channel: Channel) -> tuple[int, bytes] | None:
-        outcome = None
-        while (frame := channel.recv()) is not None:
-            kind, payload = frame
+    def _deliver_soon(self, items: list[Any]) -> None:
+        try:
+            self._port.call_soon_threadsafe(functools.partial(self._deliver, items))
+        except RuntimeError:  # the loop has closed: nobody will read them
+            self._discarding = True
+            self.cancel()
+
+    # -- either ------------------------------------------------------------------------
+
+    def _take(self, frames: list[tuple[int, bytes]], give: Callable[[list[Any]], None]) -> None:
+        for kind, payload in frames:
             if kind == ITEMS:
-                self._deliver(payload)
+                if not self._discarding:
+                    items: list[Any] = []
+                    failure = None
+                    try:
+                        items.extend(_items(payload))
+                    except Exception as exc:  # one that does not unpickle here: the last
+                        failure = exc
+                    if items:
+                        give(items)
+                    if failure is not None:
+                        self._fail(failure)
             elif kind in (RESULT, ERROR):
-                outcome = frame
+                self._outcome = kind, payload
             else:
                 raise ChannelError(f"a worker sent a frame of unexpected kind {kind}")
-        return outcome
 
-    def _deliver(self, payload: bytes) -> None:
-        if self._discarding:
-            return
-        items: list[Any] = []
-        try:
-            items.extend(_items(payload))
-        except Exception as exc:  # an item that does not unpickle here: the last one
-            self._failure = exc
-        try:
-            if self._batched:
-                self._emit(items)
-            else:
-                for item in items:
-                    self._emit(item)
-        except Closing:
-            # The stream was aborted (the consumer left, the loop shut down).
-            self._discarding = True
-            self.cancel()
-            return
-        if self._failure is not None:
-            self._discarding = True
-            self.cancel()
+    def _fail(self, exc: BaseException) -> None:
+        self._failure = self._failure or exc
+        self._discarding = True
+        self.cancel()
 
 
 def _items(payload: bytes) -> Iterator[Any]:

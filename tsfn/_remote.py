@@ -3,11 +3,13 @@
 `serve_stream` runs a stream's function there, `serve_work` an AsyncWork's
 `execute`. Both first connect to the loop's process, present their ticket, and wait
 for START: a job whose consumer is gone (a cancelled work, a retry of a stream) reads
-an end of stream instead and does not run. Then a *receiver* thread reads what the
-loop side sends: CANCEL sets the job's `CancelFlag` (so `tsfn.cancelled()`, the
-token's `wait()` and its hooks work as in-process) and makes `emit` raise `Closing`;
-CREDIT lets `emit` send more. The loop side's end of stream counts as CANCEL: its
-process has gone, or the job is over.
+an end of stream instead and does not run. Then what the loop side sends is read:
+CANCEL sets the job's `CancelFlag` (so `tsfn.cancelled()`, the token's `wait()` and
+its hooks work as in-process) and makes `emit` raise `Closing`; CREDIT lets `emit`
+send more. The loop side's end of stream counts as CANCEL: its process has gone, or
+the job is over. A *receiver* thread reads, except while a stream's `emit` is busy:
+then `emit` reads for itself, at each batch it sends and while it waits for credits,
+so that a credit costs no switch between threads (see `_Sender.listen`).
 
 `emit` pickles each item at once (an item that does not pickle raises in the `emit`
 that was given it), batches them, and sends a batch inline, in the thread that calls
@@ -43,7 +45,6 @@ from ._channel import (
     CANCEL,
     CREDIT,
     ERROR,
-    IDLE,
     ITEMS,
     MAX_FRAME,
     RESULT,
@@ -120,6 +121,8 @@ class _Link:
             return False
         self.channel = channel
         self._users = 2
+        if sender is not None:
+            sender.channel = channel
         threading.Thread(
             target=self._receive, args=(channel, sender), name="tsfn-receiver", daemon=True
         ).start()
@@ -127,19 +130,12 @@ class _Link:
 
     def _receive(self, channel: Channel, sender: _Sender | None) -> None:
         try:
-            while True:
-                frame = channel.recv(FLUSH_AGE if sender is not None else None)
-                if frame is None:
-                    break
-                kind, payload = frame
-                if kind == START:
-                    pass  # not waited for (see start)
-                elif kind == CANCEL:
-                    self._cancel(sender)
-                elif kind == CREDIT and sender is not None:
-                    sender.credit(int.from_bytes(payload, "big"))
-                elif kind == IDLE and sender is not None:
-                    sender.flush_stale()
+            if sender is not None:
+                sender.listen()
+            else:
+                while (frame := channel.recv()) is not None:
+                    if frame[0] == CANCEL:
+                        self.flag.set()
         except OSError:
             pass  # the connection broke: as an end of stream
         finally:
@@ -197,8 +193,9 @@ class _LazyFlag(CancelFlag):
 class _Sender:
     """`emit` in the worker: batches, credits, the `latest` slot (see the module doc)."""
 
-    def __init__(self, max_queue_size: int, latest: bool) -> None:
-        self.channel: Channel | None = None
+    def __init__(self, max_queue_size: int, latest: bool, flag: CancelFlag) -> None:
+        self.channel: Channel | None = None  # set once connected, before the function runs
+        self._flag = flag
         self._cond = threading.Condition(threading.Lock())
         self._latest = latest
         # None: unbounded. A batch is a quarter of the queue (see _relay.py's credits).
@@ -214,69 +211,132 @@ class _Sender:
         self._since = 0.0
         self._slot: bytes | None = None
         self._closing = False
+        self._finished = False  # the function has returned: the receiver reads to the end
+        # While `emit` runs, it reads the loop side's frames itself (see listen).
+        self._last = 0.0  # when an emit last returned
+        self._waiting = False  # an emit waits for credits, reading them
         self.emit: Callable[[Any], None] = self._offer if latest else self._put
 
     def _put(self, item: Any) -> None:
         data = _dump(item)
         with self._cond:
-            while True:
-                if self._closing:
-                    raise Closing("the stream's consumer has gone")
-                if self._credits != 0:
-                    break
+            if self._credits == 0 and not self._closing:
                 self._flush()
-                if not self._closing:
-                    self._cond.wait()
-            if self._credits is not None:
-                self._credits -= 1
-            if not self._count:
-                self._since = time.monotonic()
-            self._batch.append(data)
-            self._count += 1
-            self._bytes += len(data)
-            if (
-                self._count >= self._flush_at
-                or self._credits == 0
-                or self._bytes >= FLUSH_BYTES
-                or time.monotonic() - self._since >= FLUSH_AGE
-            ):
-                self._flush()
+                self._wait_for_credits()
+            closing = self._closing
+            if not closing:
+                if self._credits is not None:
+                    self._credits -= 1
+                self._last = now = time.monotonic()
+                if not self._count:
+                    self._since = now
+                self._batch.append(data)
+                self._count += 1
+                self._bytes += len(data)
+                if (
+                    self._count >= self._flush_at
+                    or self._credits == 0
+                    or self._bytes >= FLUSH_BYTES
+                    or now - self._since >= FLUSH_AGE
+                ):
+                    self._flush()
+        if closing:
+            self._flag.set()  # (outside the lock: it runs the token's hooks)
+            raise Closing("the stream's consumer has gone")
+
+    def _wait_for_credits(self) -> None:
+        # Under the lock. The emitter reads the credits itself: through the receiver
+        # thread, each would cost two thread switches (one stream through a pool,
+        # bounded 64: about 1.2x the items/s).
+        self._waiting = True
+        try:
+            while self._credits == 0 and not self._closing:
+                assert self.channel is not None
+                frame = self.channel.recv()
+                self._take(None if frame is None else [frame])
+        finally:
+            self._waiting = False
 
     def _offer(self, item: Any) -> None:
         data = _dump(item)
         with self._cond:
-            if self._closing:
-                raise Closing("the stream's consumer has gone")
-            if self._credits:
+            closing = self._closing
+            if closing:
+                pass
+            elif self._credits:
                 self._credits = 0
                 self._send(ITEMS, data)
             else:
                 self._slot = data
+        if closing:
+            self._flag.set()
+            raise Closing("the stream's consumer has gone")
 
-    def credit(self, count: int) -> None:
-        """On the receiver thread: the consumer has read `count` more items."""
-        with self._cond:
-            if not self._latest:
-                assert self._credits is not None
-                self._credits += count
-                self._cond.notify()
-            elif self._slot is not None:
-                slot, self._slot = self._slot, None
-                self._send(ITEMS, slot)
-            else:
-                self._credits = 1
+    def listen(self) -> None:
+        """On the receiver thread: read the loop side's frames until its end of stream.
 
-    def flush_stale(self) -> None:
-        """On the receiver thread: send a batch whose first item waited too long."""
-        with self._cond:
-            if self._count and time.monotonic() - self._since >= FLUSH_AGE:
-                self._flush()
+        While `emit` is busy (it returned less than FLUSH_AGE ago, or waits for
+        credits), it reads them itself, at each flush, and the receiver stays away
+        from the socket: a thread woken for each credit frame would take the GIL from
+        the emitter. Otherwise the receiver reads (CANCEL reaches the flag while the
+        function computes without emitting) and sends a batch that has waited
+        FLUSH_AGE. With `latest`, the receiver always reads: a credit sends the slot.
+        """
+        channel = self.channel
+        assert channel is not None
+        while True:
+            with self._cond:
+                pause = self._pause()
+                if pause > 0:
+                    self._cond.wait(pause)
+                    continue
+                if self._count and time.monotonic() - self._since >= FLUSH_AGE:
+                    self._flush()
+            if not channel.wait_readable(FLUSH_AGE):
+                continue
+            with self._cond:
+                frames = channel.read_now()
+                self._take(frames)
+                closing = self._closing
+            if closing:
+                self._flag.set()
+            if frames is None:
+                return
+
+    def _pause(self) -> float:
+        # Under the lock: how long the receiver stays away (0: read now).
+        if self._latest or self._closing or self._finished:
+            return 0.0
+        if self._waiting:
+            return FLUSH_AGE
+        return self._last + FLUSH_AGE - time.monotonic()
+
+    def _take(self, frames: list[tuple[int, bytes]] | None) -> None:
+        # Under the lock: what the loop side sent (None: its end of stream).
+        if frames is None:
+            self._closing = True
+            return
+        for kind, payload in frames:
+            if kind == CREDIT:
+                self._credit(int.from_bytes(payload, "big"))
+            elif kind == CANCEL:
+                self._closing = True
+
+    def _credit(self, count: int) -> None:
+        # Under the lock: the consumer has read `count` more items.
+        if not self._latest:
+            assert self._credits is not None
+            self._credits += count
+        elif self._slot is not None:
+            slot, self._slot = self._slot, None
+            self._send(ITEMS, slot)
+        else:
+            self._credits = 1
 
     def close(self) -> None:
         """The consumer has gone: every later `emit` raises Closing."""
         with self._cond:
             self._closing = True
-            self._cond.notify_all()
 
     def finish(self, kind: int, payload: bytes) -> None:
         """The function has returned (RESULT) or raised (ERROR): send what is left."""
@@ -286,9 +346,13 @@ class _Sender:
                 slot, self._slot = self._slot, None
                 self._send(ITEMS, slot)
             self._send(kind, payload)
+            self._finished = True
+            self._cond.notify()  # the receiver reads on to the end
 
     def _flush(self) -> None:
-        # Under the lock.
+        # Under the lock. What has arrived is read first: credits, or a CANCEL.
+        assert self.channel is not None
+        self._take(self.channel.read_now())
         if self._count:
             payload = b"".join(self._batch)
             self._batch.clear()
@@ -337,14 +401,13 @@ def serve_stream(
     latest: bool,
 ) -> None:
     """In the worker: run ``func(emit, *args)``, sending items and outcome back."""
-    sender = _Sender(max_queue_size, latest)
     link = _Link(address, hello)
+    sender = _Sender(max_queue_size, latest, link.flag)
     if not link.start(sender):
         raise TsfnError(
             "this stream's consumer is not waiting for this job: a stream runs once "
             "(was it retried after its worker died?)"
         )
-    sender.channel = link.channel
     try:
         try:
             result = run_with_flag(link.flag, functools.partial(func, sender.emit, *args))

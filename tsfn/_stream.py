@@ -96,8 +96,9 @@ class _ReaderBound(ThreadsafeFunction[Y, None]):
 class _Queued(Generic[Y]):
     """Every item, in order, through the reader-bound function's queue.
 
-    `batched`: items come in lists, one call per list, through an unbounded function:
-    from another process, whose credits are the bound (see _relay.py).
+    `remote`: the items come from another process, in lists handed to `deliver` on
+    the loop thread; the function only ends the stream, and the credits are the
+    bound (see _relay.py).
     """
 
     def __init__(
@@ -107,25 +108,25 @@ class _Queued(Generic[Y]):
         end: Callable[[Any], None],
         name: str,
         *,
-        batched: bool = False,
+        remote: bool = False,
     ) -> None:
         self._buffer: deque[Y] = deque()  # delivered, unread: they keep their slots
         self._wake = wake
         self.fn = _ReaderBound(
-            self._on_batch if batched else self._on_item,
+            self._on_item,
             self._buffer,
-            max_queue_size=0 if batched else max_queue_size,
+            max_queue_size=0 if remote else max_queue_size,
             finalizer=end,
             name=name,
         )
-        self._read = _nothing if batched else self.fn.read_one
+        self._read = _nothing if remote else self.fn.read_one
         self.emit: Callable[[Any], None] = self.fn.call
 
     def _on_item(self, item: Y) -> None:
         self._buffer.append(item)
         self._wake()
 
-    def _on_batch(self, batch: list[Y]) -> None:
+    def deliver(self, batch: list[Y]) -> None:
         self._buffer.extend(batch)
         self._wake()
 
@@ -164,6 +165,13 @@ class _Latest(Generic[Y]):
                 return
             self._signalled = True
         self.fn.call(None)
+
+    def deliver(self, batch: list[Y]) -> None:
+        # On the loop thread, where nobody reads between the items: the last counts.
+        with self._lock:
+            self._slot = batch[-1]
+            self._full = True
+        self._wake()
 
     def take(self) -> tuple[bool, Y | None]:
         with self._lock:
@@ -261,7 +269,7 @@ class Stream(Generic[Y, R]):
     def _on_end(self, _context: object) -> None:
         self._ended = True
         if self._remote is not None:
-            self._remote.cancel()  # aborted: the remote emit raises Closing (no-op at the end)
+            self._remote.detach()  # aborted: the remote emit raises Closing (no-op at the end)
         self._wake_consumer()
 
     def _wake_consumer(self) -> None:
@@ -301,7 +309,7 @@ class Stream(Generic[Y, R]):
                 self._max_queue_size,
                 self._on_end,
                 name,
-                batched=self._host is not None,
+                remote=self._host is not None,
             )
         )
         self._take = self._items.take
@@ -323,8 +331,14 @@ class Stream(Generic[Y, R]):
         self, executor: concurrent.futures.Executor, host: str
     ) -> concurrent.futures.Future[None]:
         assert self._items is not None
+        assert self._port is not None
         self._remote = remote = RemoteStream(
-            host, self._items.emit, self._run_worker, self._max_queue_size, self._latest
+            host,
+            self._port,
+            self._items.deliver,
+            self._run_worker,
+            self._max_queue_size,
+            self._latest,
         )
         self._take = remote.crediting(self._items.take)
         return remote.start(executor, self._func, self._args, self._max_queue_size, self._latest)

@@ -33,6 +33,7 @@ import contextlib
 import functools
 import logging
 import math
+import socket
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Generator
@@ -157,6 +158,28 @@ class TrioPort(Port):
         # Any thread (the executor's): settle the follower on the loop thread.
         with contextlib.suppress(trio.RunFinishedError):  # nobody is left to wait for it
             self._token.run_sync_soon(follower._copy, future)
+
+    def watch_readable(
+        self, sock: socket.socket, callback: Callable[[], object]
+    ) -> Callable[[], None] | None:
+        scope = trio.CancelScope()
+
+        async def watch() -> None:
+            with scope, contextlib.suppress(trio.ClosedResourceError):
+                # Stopped by `callback` or while this task was woken, it must not wait
+                # again: the socket may be closed already.
+                while not scope.cancel_called:
+                    await trio.lowlevel.wait_readable(sock)
+                    if not scope.cancel_called:
+                        callback()
+
+        def stop() -> None:
+            scope.cancel()
+            # The socket may be closed next: trio must forget it first.
+            trio.lowlevel.notify_closing(sock)
+
+        trio.lowlevel.spawn_system_task(watch, name=f"tsfn watching {sock!r}")
+        return stop
 
     async def join_uncancellable(self, awaitable: Awaitable[Any]) -> bool:
         # Its outcome is not the caller's business here.
