@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import multiprocessing
 import os
@@ -92,6 +93,16 @@ def endless(emit: Emit, report: Any) -> None:
     except BaseException as exc:
         report.update(stopped_by=type(exc).__name__, cancelled=tsfn.cancelled())
         raise
+
+
+def endless_counted(emit: Emit, attempted: Any, report: Any) -> None:
+    """`endless`, recording before each emit how many items it has tried to emit."""
+    attempted.value = 0
+    with contextlib.suppress(Closing):
+        for i in itertools.count():
+            attempted.value = i + 1
+            emit(i)
+    report.update(stopped_by="Closing", cancelled=tsfn.cancelled())
 
 
 def compute_until_cancelled(emit: Emit, report: Any) -> None:
@@ -390,6 +401,37 @@ def test_a_loop_closed_under_a_remote_stream_tells_the_worker(manager: SyncManag
         loop.close()
     assert dict(report) == {"stopped_by": "Closing", "cancelled": True}
     assert not task.done()  # stranded, as a bare close leaves every task
+
+
+@pytest.mark.parametrize("watching", [True, False], ids=["loop reads", "relay reads"])
+def test_a_loop_closed_after_reading_all_that_came_tells_the_worker_waiting_for_credits(
+    manager: SyncManager, watching: bool
+) -> None:
+    """Closed with nothing left in flight: the worker waits for credits, the relay for
+    frames, and neither would ever come; the relay finds the loop closed and tells."""
+    report = manager.dict()
+    attempted = manager.Value("i", -1)
+    context = multiprocessing.get_context("forkserver")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        loop = asyncio.new_event_loop() if watching else NoSocketWatching()
+
+        async def start() -> None:
+            items = await tsfn.stream(
+                endless_counted, attempted, report, max_queue_size=1, executor=pool
+            ).__aenter__()
+            # One credit: item 0 is sent, and the worker waits in the emit of item 1.
+            await anyio.to_thread.run_sync(wait_until, reached(attempted, 2))
+            # White-box: the loop has read item 0, all there is to read.
+            buffer = items._items._buffer  # type: ignore[union-attr]
+            deadline = time.monotonic() + WAIT
+            while not buffer:
+                assert time.monotonic() < deadline, "item 0 never arrived"
+                await asyncio.sleep(0.001)
+
+        loop.run_until_complete(start())
+        loop.close()
+    assert dict(report) == {"stopped_by": "Closing", "cancelled": True}
+    assert attempted.value == 2
 
 
 class NoSocketWatching(asyncio.SelectorEventLoop):

@@ -7,11 +7,11 @@ sent with a `Ticket` of the `Hub` listening where the workers can reach this pro
 scheduler through), and its channel carries what a thread pool's job would reach
 through shared memory.
 
-Nothing here touches the event loop. A remote stream's items arrive on a *relay*
-thread, which hands them to the stream's in-process ThreadsafeFunction like any
-producer thread, and credits go back from the consumer's side as it reads. A remote
-AsyncWork's channel carries only START and CANCEL; its outcome comes back through the
-executor's future, as without a channel.
+A remote stream's items are read on the loop thread, through the `Port`
+(`RemoteStream`), and credits go back from the consumer's side as it reads; a *relay*
+thread ends the stream and reads only where the loop cannot. A remote AsyncWork's
+channel carries only START and CANCEL; its outcome comes back through the executor's
+future, as without a channel.
 """
 
 from __future__ import annotations
@@ -226,11 +226,11 @@ class RemoteStream(_Job):
     loop's reading to end (the worker's end of stream, a fault, or `detach`), reads
     whatever is left, waits for the job's outcome, and runs `run(body)`, the stream's
     worker routine, with a `body` that returns the function's result or raises its
-    exception. The relay reads and delivers (through the loop's callbacks) only where
-    the loop cannot: a loop that watches no sockets, and a loop closed under the
-    stream, which runs no shutdown (it finds that out within POLL seconds). Once the
-    stream is detached, the rest is read and dropped. Reading always goes on to the
-    worker's end of stream (see `Channel`).
+    exception. The relay reads and delivers (through the loop's callbacks) only on a
+    loop that watches no sockets. Once the stream is detached, or its loop closed
+    under it (a bare `loop.close()` runs no shutdown; the relay finds out within POLL
+    seconds), the job is told to stop and the rest is read and dropped. Reading always
+    goes on to the worker's end of stream (see `Channel`).
     """
 
     def __init__(
@@ -303,8 +303,7 @@ class RemoteStream(_Job):
     def detach(self) -> None:
         """The stream has ended or was aborted: stop the job; the rest of what it
         sends is read off the loop, and dropped. Loop thread."""
-        self.cancel()
-        self._discarding = True
+        self._abandon()
         self._leave_loop()
 
     def on_connect(self, channel: Channel) -> None:
@@ -366,13 +365,8 @@ class RemoteStream(_Job):
         """Read what the loop did not; return or raise the function's outcome."""
         channel = self.channel
         if channel is not None:
-            # A loop closed under the stream runs no shutdown, so nothing would tell.
-            while not self._off_loop.wait(POLL) and not self._port.is_closed():
-                pass
             try:
-                if not self._read_to_end:
-                    while (frame := channel.recv()) is not None:
-                        self._take([frame], self._deliver_soon)
+                self._read_rest(channel)
             except ChannelError as exc:
                 self._fail(exc)
             finally:
@@ -391,12 +385,37 @@ class RemoteStream(_Job):
             return pickle.loads(payload)
         raise _rebuild(payload)
 
+    def _read_rest(self, channel: Channel) -> None:
+        # A loop closed under the stream (a bare loop.close()) runs no shutdown, and
+        # its consumer will never read again: nothing else would tell the worker, which
+        # may be waiting for credits. So the relay looks every POLL seconds while it
+        # waits, both for the loop's reading to end and for frames.
+        while not self._off_loop.wait(POLL):
+            if self._port.is_closed():
+                self._abandon()
+                break
+        if self._read_to_end:
+            return
+        while True:
+            if not self._discarding and not channel.wait_readable(POLL):
+                if self._port.is_closed():
+                    self._abandon()
+                continue
+            frame = channel.recv()
+            if frame is None:
+                return
+            self._take([frame], self._deliver_soon)
+
     def _deliver_soon(self, items: list[Any]) -> None:
         try:
             self._port.call_soon_threadsafe(functools.partial(self._deliver, items))
         except RuntimeError:  # the loop has closed: nobody will read them
-            self._discarding = True
-            self.cancel()
+            self._abandon()
+
+    def _abandon(self) -> None:
+        # Nobody will read: stop the job, drop what it still sends.
+        self._discarding = True
+        self.cancel()
 
     # -- either ------------------------------------------------------------------------
 
@@ -421,8 +440,7 @@ class RemoteStream(_Job):
 
     def _fail(self, exc: BaseException) -> None:
         self._failure = self._failure or exc
-        self._discarding = True
-        self.cancel()
+        self._abandon()
 
 
 def _items(payload: bytes) -> Iterator[Any]:
