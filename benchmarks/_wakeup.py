@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import statistics
 import threading
 import time
@@ -104,11 +105,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loops", default="asyncio,uvloop")
     options = parser.parse_args(argv)
     loops = options.loops.split(",")
-    samples = {(lp, v): ([], []) for lp in loops for v in VARIANTS}
+    samples: dict[tuple[str, str], tuple[list[int], list[int]]] = {
+        (lp, v): ([], []) for lp in loops for v in VARIANTS
+    }
     for _ in range(options.rounds):
         for lp in loops:
             for variant in VARIANTS:
-                delays, calls = run_on(lp, lambda v=variant: _run(v, options.n))
+                delays, calls = run_on(lp, functools.partial(_run, variant, options.n))
                 samples[lp, variant][0].extend(delays)
                 samples[lp, variant][1].extend(calls)
     print(f"spin: {_spin_ns() / 1000:.2f} us warm; {options.rounds} rounds of {options.n} items")
