@@ -22,7 +22,7 @@ import pickle
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from ._cancel import CancelFlag
@@ -426,7 +426,7 @@ class RemoteStream(_Job):
                     items: list[Any] = []
                     failure = None
                     try:
-                        items.extend(_items(payload))
+                        _unpickle_into(items, payload)
                     except Exception as exc:  # one that does not unpickle here: the last
                         failure = exc
                     if items:
@@ -443,13 +443,17 @@ class RemoteStream(_Job):
         self._abandon()
 
 
-def _items(payload: bytes) -> Iterator[Any]:
+def _unpickle_into(items: list[Any], payload: bytes) -> None:
+    """Append the items of an ITEMS frame to `items`, in order; those before one that
+    does not unpickle stay there. (A loop, not a generator: a quarter of the loop
+    thread's time per item went to the generator's frames.)"""
     view = memoryview(payload)
-    start = 0
-    while start < len(view):
-        (size,) = ITEM_SIZE.unpack_from(view, start)
-        start += ITEM_SIZE.size
-        yield pickle.loads(view[start : start + size])
+    unpack, skip, loads, append = ITEM_SIZE.unpack_from, ITEM_SIZE.size, pickle.loads, items.append
+    start, end = 0, len(view)
+    while start < end:
+        (size,) = unpack(view, start)
+        start += skip
+        append(loads(view[start : start + size]))
         start += size
 
 
