@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import _cases, _costs, _memory, _node, _remote, _suite
+from benchmarks import _cases, _costs, _memory, _node, _remote, _suite, _wakeup
 from benchmarks._cases import Failed, run_on
 from benchmarks._peers import BRIDGES, Bridge, RawBridge, Send, bridges
 
@@ -225,3 +225,11 @@ def test_node_rows_get_five_rounds_unless_quick() -> None:
     assert cases["throughput/asyncio/tsfn/p1/bounded64"].extra_rounds
     assert not cases["throughput/asyncio/tsfn/p4/bounded64"].extra_rounds
     assert not cases["throughput/node/p4/bounded64"].extra_rounds
+
+
+def test_the_wakeup_split_prints_a_row_per_method(capsys: pytest.CaptureFixture[str]) -> None:
+    _wakeup.main(["--n", "20", "--rounds", "1", "--loops", "asyncio"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| asyncio")]
+    assert [row.split(" | ")[1] for row in rows] == list(_wakeup.VARIANTS)
+    # A split whose parts do not add up would show a negative loop part.
+    assert all(float(row.split(" | ")[-1].rstrip(" |")) > 0 for row in rows)
