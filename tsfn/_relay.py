@@ -44,7 +44,6 @@ from ._remote import ITEM_SIZE, serve_stream, serve_work
 __all__ = ["DaskClient", "RemoteStream", "RemoteWork", "executor_of"]
 
 R = TypeVar("R")
-Y = TypeVar("Y")
 
 _LOOPBACK = "127.0.0.1"
 
@@ -264,7 +263,7 @@ class RemoteStream(_Job):
         # stalls, the worker may stop up to a quarter of the queue short of the bound.
         self._owed = 0  # loop thread only
         self._credit_at = 1 if latest else max(1, max_queue_size // 4)
-        self._credited = latest or max_queue_size > 0
+        self.credited = latest or max_queue_size > 0  # unbounded queued: no credits
 
     def start(
         self,
@@ -278,27 +277,17 @@ class RemoteStream(_Job):
         self.submit(executor, serve_stream, func, args, max_queue_size, latest)
         return self.finished
 
-    def crediting(
-        self, take: Callable[[], tuple[bool, Y | None]]
-    ) -> Callable[[], tuple[bool, Y | None]]:
-        """`take` (the consumer's read, loop thread), giving the credits back."""
-        if not self._credited:
-            return take
-
-        def take_and_credit() -> tuple[bool, Y | None]:
-            got, item = take()
-            if got:
-                self._owed += 1
-                if self._owed >= self._credit_at:
-                    owed, self._owed = self._owed, 0
-                    channel = self.channel
-                    if channel is not None:
-                        # A write that fails (the worker died) is ignored: the reader
-                        # still reads every frame that arrived before.
-                        channel.tell(CREDIT, owed.to_bytes(4, "big"))
-            return got, item
-
-        return take_and_credit
+    def credit_one(self) -> None:
+        """The consumer has read one item (loop thread): give the credits back, in
+        quarters of the queue. Only for a stream with credits (`credited`)."""
+        self._owed += 1
+        if self._owed >= self._credit_at:
+            owed, self._owed = self._owed, 0
+            channel = self.channel
+            if channel is not None:
+                # A write that fails (the worker died) is ignored: the reader still
+                # reads every frame that arrived before.
+                channel.tell(CREDIT, owed.to_bytes(4, "big"))
 
     def detach(self) -> None:
         """The stream has ended or was aborted: stop the job; the rest of what it

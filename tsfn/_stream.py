@@ -119,7 +119,8 @@ class _Queued(Generic[Y]):
             finalizer=end,
             name=name,
         )
-        self._read = _nothing if remote else self.fn.read_one
+        # Called for each item read: frees its slot, or gives a remote credit back.
+        self.on_read: Callable[[], None] = _nothing if remote else self.fn.read_one
         self.emit: Callable[[Any], None] = self.fn.call
 
     def _on_item(self, item: Y) -> None:
@@ -134,7 +135,7 @@ class _Queued(Generic[Y]):
         if not self._buffer:
             return False, None
         item = self._buffer.popleft()
-        self._read()
+        self.on_read()
         return True, item
 
 
@@ -151,6 +152,7 @@ class _Latest(Generic[Y]):
         self._full = False
         self._signalled = False  # a wake-up is queued; it will find the newest item
         self._wake = wake
+        self.on_read: Callable[[], None] = _nothing  # a remote credit back, per item read
         self.fn: ThreadsafeFunction[None] = ThreadsafeFunction(
             lambda _: wake(), finalizer=end, name=name
         )
@@ -179,7 +181,8 @@ class _Latest(Generic[Y]):
                 return False, None
             item, self._slot = self._slot, None
             self._full = self._signalled = False
-            return True, item
+        self.on_read()
+        return True, item
 
 
 class Stream(Generic[Y, R]):
@@ -340,7 +343,8 @@ class Stream(Generic[Y, R]):
             self._max_queue_size,
             self._latest,
         )
-        self._take = remote.crediting(self._items.take)
+        if remote.credited:
+            self._items.on_read = remote.credit_one
         return remote.start(executor, self._func, self._args, self._max_queue_size, self._latest)
 
     async def __aexit__(
