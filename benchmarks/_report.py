@@ -214,7 +214,8 @@ class Results:
         gil = "" if m.get("gil", True) else ", free-threaded"
         more = c.get("node_rounds", c.get("rounds"))
         extra = (
-            f" ({more} for the P=1 rows of Node and of asyncio's tsfn)"
+            f" ({more} for the P=1 rows of Node and of asyncio's tsfn, and the streams "
+            "from other processes)"
             if more != c.get("rounds")
             else ""
         )

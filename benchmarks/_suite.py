@@ -31,7 +31,9 @@ BOUNDED = 64
 NODE_PRODUCERS = (1, 4)
 # Node's own rows vary the most from run to run (issue 15: 1.1x to 3.9x tsfn between
 # runs), so its one-thread rows, and the asyncio tsfn rows they are compared with, get
-# more interleaved rounds than the rest; the other rows keep the shorter default.
+# more interleaved rounds than the rest, as do the streams from other processes (one
+# stream against the Queue relay moved from 2.8x to 3.6x between runs of 3 rounds);
+# the other rows keep the shorter default.
 NODE_ROUNDS = 5
 
 
@@ -59,7 +61,7 @@ class RateCase:
     fixed_n: int | None = None
     seconds: float | None = None  # what one run should take, if not --seconds
     unavailable: str | None = None  # why it cannot run here (if not a bridge's reason)
-    extra_rounds: bool = False  # runs `Options.node_rounds` rounds (Node's P=1 rows)
+    extra_rounds: bool = False  # runs `Options.node_rounds` rounds (see NODE_ROUNDS)
 
 
 # Remote runs are longer than the in-process ones (their items come in batches, and
@@ -223,6 +225,7 @@ def _rate_cases(options: Options) -> list[RateCase]:
                         _remote_run(row, timeout * 4),
                         seconds=REMOTE_SECONDS,
                         unavailable=_remote.available(executor),
+                        extra_rounds=True,
                     )
                 )
     return cases
@@ -282,7 +285,8 @@ def _run_rates(options: Options, results: Results) -> None:
         return
     _log(
         f"throughput: {len(runnable)} cases x {options.rounds} rounds "
-        f"(Node's P=1 rows and the tsfn rows compared with them: {options.node_rounds})"
+        f"(Node's P=1 rows, the tsfn rows compared with them and the remote streams: "
+        f"{options.node_rounds})"
     )
     for case in runnable:  # the warm-up round: one short run each, which picks N
         if case.fixed_n is not None:
