@@ -27,7 +27,7 @@ from typing import Any
 
 import anyio
 import pytest
-from _helpers import WAIT, wait_until
+from _helpers import WAIT, until, wait_until
 from _loops import asyncio_run
 
 import tsfn
@@ -423,10 +423,7 @@ def test_a_loop_closed_after_reading_all_that_came_tells_the_worker_waiting_for_
             await anyio.to_thread.run_sync(wait_until, reached(attempted, 2))
             # White-box: the loop has read item 0, all there is to read.
             buffer = items._items._buffer  # type: ignore[union-attr]
-            deadline = time.monotonic() + WAIT
-            while not buffer:
-                assert time.monotonic() < deadline, "item 0 never arrived"
-                await asyncio.sleep(0.001)
+            await until(lambda: bool(buffer))
 
         loop.run_until_complete(start())
         loop.close()

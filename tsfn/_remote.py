@@ -38,7 +38,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from ._cancel import CancelFlag, run_with_flag
 from ._channel import (
@@ -214,7 +214,6 @@ class _Sender:
         self._finished = False  # the function has returned: the receiver reads to the end
         # While `emit` runs, it reads the loop side's frames itself (see listen).
         self._last = 0.0  # when an emit last returned
-        self._waiting = False  # an emit waits for credits, reading them
         self.emit: Callable[[Any], None] = self._offer if latest else self._put
 
     def _put(self, item: Any) -> None:
@@ -241,21 +240,16 @@ class _Sender:
                 ):
                     self._flush()
         if closing:
-            self._flag.set()  # (outside the lock: it runs the token's hooks)
-            raise Closing("the stream's consumer has gone")
+            self._refuse()
 
     def _wait_for_credits(self) -> None:
-        # Under the lock. The emitter reads the credits itself: through the receiver
-        # thread, each would cost two thread switches (one stream through a pool,
-        # bounded 64: about 1.2x the items/s).
-        self._waiting = True
-        try:
-            while self._credits == 0 and not self._closing:
-                assert self.channel is not None
-                frame = self.channel.recv()
-                self._take(None if frame is None else [frame])
-        finally:
-            self._waiting = False
+        # Under the lock, which keeps the receiver away meanwhile. The emitter reads
+        # the credits itself: through the receiver thread, each would cost two thread
+        # switches (one stream through a pool, bounded 64: about 1.2x the items/s).
+        while self._credits == 0 and not self._closing:
+            assert self.channel is not None
+            frame = self.channel.recv()
+            self._take(None if frame is None else [frame])
 
     def _offer(self, item: Any) -> None:
         data = _dump(item)
@@ -269,14 +263,18 @@ class _Sender:
             else:
                 self._slot = data
         if closing:
-            self._flag.set()
-            raise Closing("the stream's consumer has gone")
+            self._refuse()
+
+    def _refuse(self) -> NoReturn:
+        # Outside the lock: setting the flag runs the token's hooks.
+        self._flag.set()
+        raise Closing("the stream's consumer has gone")
 
     def listen(self) -> None:
         """On the receiver thread: read the loop side's frames until its end of stream.
 
         While `emit` is busy (it returned less than FLUSH_AGE ago, or waits for
-        credits), it reads them itself, at each flush, and the receiver stays away
+        credits, under the lock), it reads them itself, and the receiver stays away
         from the socket: a thread woken for each credit frame would take the GIL from
         the emitter. Otherwise the receiver reads (CANCEL reaches the flag while the
         function computes without emitting) and sends a batch that has waited
@@ -307,8 +305,6 @@ class _Sender:
         # Under the lock: how long the receiver stays away (0: read now).
         if self._latest or self._closing or self._finished:
             return 0.0
-        if self._waiting:
-            return FLUSH_AGE
         return self._last + FLUSH_AGE - time.monotonic()
 
     def _take(self, frames: list[tuple[int, bytes]] | None) -> None:
