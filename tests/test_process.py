@@ -118,6 +118,15 @@ def compute_until_cancelled(emit: Emit, report: Any) -> None:
         report.update(closing=True)
 
 
+def ping_pong(emit: Emit, n: int, acks: Any) -> int:
+    """Emits an item, then waits until the consumer has read it, `n` times: each
+    item goes in a batch of its own, sent only once it has waited."""
+    for i in range(n):
+        emit(i)
+        assert acks.get(timeout=WAIT) == i
+    return n
+
+
 def counted(emit: Emit, n: int, attempted: Any) -> None:
     """Records, before each emit, how many items it has tried to emit."""
     for i in range(n):
@@ -286,6 +295,19 @@ async def test_the_worker_is_never_more_than_max_queue_size_plus_one_ahead(
                     near = consumed + bound - (max(1, max_queue_size // 4) - 1)
                     await anyio.to_thread.run_sync(wait_until, reached(attempted, near))
     assert consumed == n
+
+
+async def test_an_item_the_worker_waits_on_is_sent_while_it_waits(
+    pool: concurrent.futures.Executor, manager: SyncManager
+) -> None:
+    acks = manager.Queue()
+    got: list[int] = []
+    async with tsfn.stream(ping_pong, 5, acks, executor=pool) as items:
+        async for item in items:
+            got.append(item)
+            await anyio.to_thread.run_sync(acks.put, item)
+    assert got == [0, 1, 2, 3, 4]
+    assert items.result == 5
 
 
 async def test_latest_skips_to_the_newest_item_and_always_delivers_the_last(

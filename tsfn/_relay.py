@@ -39,7 +39,7 @@ from ._channel import (
     Ticket,
 )
 from ._loop import Port
-from ._remote import ITEM_SIZE, serve_stream, serve_work
+from ._remote import serve_stream, serve_work
 
 __all__ = ["DaskClient", "RemoteStream", "RemoteWork", "executor_of"]
 
@@ -433,17 +433,13 @@ class RemoteStream(_Job):
 
 
 def _unpickle_into(items: list[Any], payload: bytes) -> None:
-    """Append the items of an ITEMS frame to `items`, in order; those before one that
-    does not unpickle stay there. (A loop, not a generator: a quarter of the loop
-    thread's time per item went to the generator's frames.)"""
-    view = memoryview(payload)
-    unpack, skip, loads, append = ITEM_SIZE.unpack_from, ITEM_SIZE.size, pickle.loads, items.append
-    start, end = 0, len(view)
-    while start < end:
-        (size,) = unpack(view, start)
-        start += skip
-        append(loads(view[start : start + size]))
-        start += size
+    """Append the items of an ITEMS frame (the pickled list of its items' pickles) to
+    `items`, in order; those before one that does not unpickle stay there.
+
+    Both splitting the frame and the loop over its items run in C: per item, about
+    half the time of a Python loop over size-prefixed pickles.
+    """
+    items.extend(map(pickle.loads, pickle.loads(payload)))
 
 
 def _rebuild(payload: bytes) -> BaseException:

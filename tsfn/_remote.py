@@ -13,10 +13,10 @@ so that a credit costs no switch between threads (see `_Sender.listen`).
 
 `emit` pickles each item at once (an item that does not pickle raises in the `emit`
 that was given it), batches them, and sends a batch inline, in the thread that calls
-`emit`, when it is full, when the credits run out, or when its first item has waited
-FLUSH_AGE seconds. A sender thread would wait for the GIL up to the interpreter's
-switch interval for each batch; the receiver only sends a batch that aged while the
-function computed without emitting.
+`emit`, when it is full or when the credits run out. A sender thread would wait for
+the GIL up to the interpreter's switch interval for each batch. The receiver sends a
+batch whose first item has waited FLUSH_AGE seconds (the function emits slowly, or
+computes without emitting).
 
 Credits keep the bound exact: the loop side gives `max_queue_size` at the start and
 one back per item its consumer has read, so items emitted and not yet read, wherever
@@ -33,7 +33,7 @@ import functools
 import os
 import pickle
 import socket
-import struct
+import sys
 import threading
 import time
 import traceback
@@ -54,7 +54,7 @@ from ._channel import (
 )
 from ._errors import Closing, TsfnError
 
-__all__ = ["ITEM_SIZE", "describe", "serve_stream", "serve_work"]
+__all__ = ["describe", "serve_stream", "serve_work"]
 
 R = TypeVar("R")
 
@@ -64,8 +64,6 @@ FLUSH_AGE = 0.002
 # ...or when it holds this many items or bytes.
 FLUSH_ITEMS = 256
 FLUSH_BYTES = 1 << 20
-
-ITEM_SIZE = struct.Struct("!I")  # each item's pickle in a batch is prefixed by its size
 
 
 class _Link:
@@ -196,48 +194,44 @@ class _Sender:
     def __init__(self, max_queue_size: int, latest: bool, flag: CancelFlag) -> None:
         self.channel: Channel | None = None  # set once connected, before the function runs
         self._flag = flag
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # the receiver waits on it
         self._latest = latest
-        # None: unbounded. A batch is a quarter of the queue (see _relay.py's credits).
-        self._credits: int | None = 1 if latest else (max_queue_size or None)
+        # Unbounded: credits that never run out. A batch is a quarter of the queue
+        # (see _relay.py's credits).
+        self._credits = 1 if latest else (max_queue_size or sys.maxsize)
         self._flush_at = (
             FLUSH_ITEMS
             if latest or not max_queue_size
             else min(FLUSH_ITEMS, max(1, max_queue_size // 4))
         )
-        self._batch: list[bytes] = []
-        self._count = 0
+        self._batch: list[bytes] = []  # each item's pickle
         self._bytes = 0
-        self._since = 0.0
+        self._since = 0.0  # when the batch's first item came
         self._slot: bytes | None = None
         self._closing = False
         self._finished = False  # the function has returned: the receiver reads to the end
-        # While `emit` runs, it reads the loop side's frames itself (see listen).
-        self._last = 0.0  # when an emit last returned
+        # Counted, not timed, per item: the receiver tells from it whether emit is
+        # busy (see listen). A clock read per item cost a tenth of emit.
+        self._emitted = 0
         self.emit: Callable[[Any], None] = self._offer if latest else self._put
 
     def _put(self, item: Any) -> None:
         data = _dump(item)
-        with self._cond:
-            if self._credits == 0 and not self._closing:
+        with self._lock:
+            if not self._credits and not self._closing:
                 self._flush()
                 self._wait_for_credits()
             closing = self._closing
             if not closing:
-                if self._credits is not None:
-                    self._credits -= 1
-                self._last = now = time.monotonic()
-                if not self._count:
-                    self._since = now
-                self._batch.append(data)
-                self._count += 1
+                batch = self._batch
+                if not batch:
+                    self._since = time.monotonic()
+                batch.append(data)
+                self._emitted += 1
+                self._credits -= 1
                 self._bytes += len(data)
-                if (
-                    self._count >= self._flush_at
-                    or self._credits == 0
-                    or self._bytes >= FLUSH_BYTES
-                    or now - self._since >= FLUSH_AGE
-                ):
+                if len(batch) >= self._flush_at or not self._credits or self._bytes >= FLUSH_BYTES:
                     self._flush()
         if closing:
             self._refuse()
@@ -253,13 +247,13 @@ class _Sender:
 
     def _offer(self, item: Any) -> None:
         data = _dump(item)
-        with self._cond:
+        with self._lock:
             closing = self._closing
             if closing:
                 pass
             elif self._credits:
                 self._credits = 0
-                self._send(ITEMS, data)
+                self._send_items([data])
             else:
                 self._slot = data
         if closing:
@@ -273,26 +267,28 @@ class _Sender:
     def listen(self) -> None:
         """On the receiver thread: read the loop side's frames until its end of stream.
 
-        While `emit` is busy (it returned less than FLUSH_AGE ago, or waits for
+        While `emit` is busy (it was called within the last FLUSH_AGE, or waits for
         credits, under the lock), it reads them itself, and the receiver stays away
         from the socket: a thread woken for each credit frame would take the GIL from
-        the emitter. Otherwise the receiver reads (CANCEL reaches the flag while the
-        function computes without emitting) and sends a batch that has waited
-        FLUSH_AGE. With `latest`, the receiver always reads: a credit sends the slot.
+        the emitter. Meanwhile the receiver only sends a batch whose first item has
+        waited FLUSH_AGE (emit does not read the clock for each item). Otherwise the
+        receiver reads, so that CANCEL reaches the flag while the function computes
+        without emitting. With `latest`, the receiver always reads: a credit sends
+        the slot.
         """
         channel = self.channel
         assert channel is not None
+        seen = -1  # emit's count when the receiver last looked
         while True:
-            with self._cond:
-                pause = self._pause()
-                if pause > 0:
-                    self._cond.wait(pause)
+            with self._lock:
+                due = self._flush_aged()
+                if self._busy(seen):
+                    seen = self._emitted
+                    self._cond.wait(due)
                     continue
-                if self._count and time.monotonic() - self._since >= FLUSH_AGE:
-                    self._flush()
             if not channel.wait_readable(FLUSH_AGE):
                 continue
-            with self._cond:
+            with self._lock:
                 frames = channel.read_now()
                 self._take(frames)
                 closing = self._closing
@@ -301,11 +297,21 @@ class _Sender:
             if frames is None:
                 return
 
-    def _pause(self) -> float:
-        # Under the lock: how long the receiver stays away (0: read now).
+    def _flush_aged(self) -> float:
+        # Under the lock: send the batch if it has waited FLUSH_AGE; how long until
+        # the next one is due.
+        if self._batch:
+            due = self._since + FLUSH_AGE - time.monotonic()
+            if due > 0:
+                return due
+            self._flush()
+        return FLUSH_AGE
+
+    def _busy(self, seen: int) -> bool:
+        # Under the lock: whether the receiver stays away from the socket.
         if self._latest or self._closing or self._finished:
-            return 0.0
-        return self._last + FLUSH_AGE - time.monotonic()
+            return False
+        return self._emitted != seen or bool(self._batch)
 
     def _take(self, frames: list[tuple[int, bytes]] | None) -> None:
         # Under the lock: what the loop side sent (None: its end of stream).
@@ -321,26 +327,25 @@ class _Sender:
     def _credit(self, count: int) -> None:
         # Under the lock: the consumer has read `count` more items.
         if not self._latest:
-            assert self._credits is not None
             self._credits += count
         elif self._slot is not None:
             slot, self._slot = self._slot, None
-            self._send(ITEMS, slot)
+            self._send_items([slot])
         else:
             self._credits = 1
 
     def close(self) -> None:
         """The consumer has gone: every later `emit` raises Closing."""
-        with self._cond:
+        with self._lock:
             self._closing = True
 
     def finish(self, kind: int, payload: bytes) -> None:
         """The function has returned (RESULT) or raised (ERROR): send what is left."""
-        with self._cond:
+        with self._lock:
             self._flush()
             if self._slot is not None:
                 slot, self._slot = self._slot, None
-                self._send(ITEMS, slot)
+                self._send_items([slot])
             self._send(kind, payload)
             self._finished = True
             self._cond.notify()  # the receiver reads on to the end
@@ -349,11 +354,15 @@ class _Sender:
         # Under the lock. What has arrived is read first: credits, or a CANCEL.
         assert self.channel is not None
         self._take(self.channel.read_now())
-        if self._count:
-            payload = b"".join(self._batch)
-            self._batch.clear()
-            self._count = self._bytes = 0
-            self._send(ITEMS, payload)
+        if self._batch:
+            batch, self._batch = self._batch, []
+            self._bytes = 0
+            self._send_items(batch)
+
+    def _send_items(self, pickles: list[bytes]) -> None:
+        # Under the lock. An ITEMS frame is the list of its items' pickles, pickled:
+        # the loop side splits it in one call (see _relay.py's _unpickle_into).
+        self._send(ITEMS, pickle.dumps(pickles, pickle.HIGHEST_PROTOCOL))
 
     def _send(self, kind: int, payload: bytes) -> None:
         # Under the lock. A broken connection means the loop side has gone.
@@ -369,7 +378,7 @@ def _dump(item: Any) -> bytes:
             f"an emitted item pickles to {len(data)} bytes, more than a channel's "
             f"frame takes ({MAX_FRAME // 2}); emit smaller items"
         )
-    return ITEM_SIZE.pack(len(data)) + data
+    return data
 
 
 def describe(exc: BaseException) -> bytes:
