@@ -153,6 +153,9 @@ class AsyncioPort(Port):
 
         def stop() -> None:
             self.loop.remove_reader(sock)
+            # uvloop (libuv's uv_poll_init) made the socket non-blocking; whoever reads
+            # it next waits in recv.
+            sock.setblocking(True)
 
         return stop
 

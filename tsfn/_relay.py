@@ -321,7 +321,14 @@ class RemoteStream(_Job):
         if self._stop_watching is None:
             self._off_loop.set()
 
-    def _readable(self) -> None:
+    def pull(self) -> bool:
+        """Read what has arrived now, if the loop reads this stream: whether anything
+        had. For a consumer that found nothing to read: when the worker keeps up, the
+        next batch is often there already, and reading it costs no wake-up cycle (the
+        loop's select, the consumer's waiter, a task step; a tenth of the items/s)."""
+        return self._stop_watching is not None and self._readable()
+
+    def _readable(self) -> bool:
         channel = self.channel
         assert channel is not None  # the relay drops it only once the loop stopped reading
         try:
@@ -335,6 +342,7 @@ class RemoteStream(_Job):
             self._read_to_end = True
         if frames is None or self._discarding:
             self._leave_loop()
+        return frames != []
 
     def _leave_loop(self) -> None:
         stop, self._stop_watching = self._stop_watching, None

@@ -296,6 +296,8 @@ class Stream(Generic[Y, R]):
                 if self._error is not None:
                     raise self._error
                 raise StopAsyncIteration
+            if self._remote is not None and self._remote.pull():
+                continue
             self._waiter = self._port.event()
             await self._waiter.wait()
 
