@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -108,10 +108,11 @@ def record_run(name: str) -> None:
     distributed.Event(name).set()
 
 
-def die(emit: Emit) -> None:
+def die(emit: Emit, name: str) -> None:
     for i in range(3):
         emit(i)
-    time.sleep(0.2)  # let the items reach the socket first
+    # Items still buffered in this process die with it: die once all three arrived.
+    assert distributed.Event(name).wait(WAIT), "the items never arrived"
     os._exit(3)
 
 
@@ -125,10 +126,15 @@ async def test_every_item_arrives_in_order_then_the_result(executor: Any) -> Non
     assert items.result == "counted to 5000"
 
 
-async def read_all(stream: tsfn.Stream[Any, Any], got: list[Any]) -> None:
+async def read_all(
+    stream: tsfn.Stream[Any, Any], got: list[Any], after_three: Callable[[], object] = lambda: None
+) -> None:
+    """Reads every item into `got`, calling `after_three` once three have come."""
     async with stream as items:
         async for item in items:
             got.append(item)
+            if len(got) == 3:
+                await asyncio.to_thread(after_three)  # it may be a Dask client's call
 
 
 async def test_an_exception_arrives_after_the_items_with_the_remote_traceback(
@@ -206,10 +212,12 @@ async def test_a_work_returns_its_value(executor: Any) -> None:
 
 
 async def test_a_dead_worker_ends_the_stream_with_killed_worker_after_its_items(
-    client: Any,
+    client: Any, request: pytest.FixtureRequest
 ) -> None:
     client.wait_for_workers(2, timeout=WAIT)
+    name = request.node.name
+    arrived = distributed.Event(name, client=client)
     got: list[int] = []
     with pytest.raises(distributed.scheduler.KilledWorker):
-        await read_all(tsfn.stream(die, executor=client), got)
+        await read_all(tsfn.stream(die, name, executor=client), got, arrived.set)
     assert got == [0, 1, 2]

@@ -141,10 +141,11 @@ def progress(emit: Emit, n: int, go: Any) -> None:
         emit(i)
 
 
-def die(emit: Emit, how: str) -> None:
+def die(emit: Emit, how: str, arrived: Any) -> None:
     for i in range(3):
         emit(i)
-    time.sleep(0.2)  # let the items reach the socket first (they may be lost otherwise)
+    # Items still buffered in this process die with it: die once all three arrived.
+    assert arrived.wait(WAIT), "the items never arrived"
     if how == "exit":
         os._exit(3)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -179,10 +180,15 @@ def record_run(ran: Any) -> None:
     ran.set()
 
 
-async def read_all(stream: tsfn.Stream[Any, Any], got: list[Any]) -> None:
+async def read_all(
+    stream: tsfn.Stream[Any, Any], got: list[Any], after_three: Callable[[], object] = lambda: None
+) -> None:
+    """Reads every item into `got`, calling `after_three` once three have come."""
     async with stream as items:
         async for item in items:
             got.append(item)
+            if len(got) == 3:
+                after_three()
 
 
 def notes(exc: BaseException) -> list[str]:
@@ -503,15 +509,16 @@ def test_on_a_loop_that_watches_no_sockets_leaving_early_stops_the_worker(
     ],
 )
 async def test_a_dead_worker_ends_the_stream_with_broken_process_pool_after_its_items(
-    how: str,
+    how: str, manager: SyncManager
 ) -> None:
     got: list[int] = []
+    arrived = manager.Event()
     context = multiprocessing.get_context("forkserver")
     with (
         concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool,
         pytest.raises(concurrent.futures.process.BrokenProcessPool),
     ):
-        await read_all(tsfn.stream(die, how, executor=pool), got)
+        await read_all(tsfn.stream(die, how, arrived, executor=pool), got, arrived.set)
     assert got == [0, 1, 2]
 
 
