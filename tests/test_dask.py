@@ -10,13 +10,15 @@ replayed: a second run is turned away, see docs/howto/dask.md).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from _helpers import WAIT
+from _helpers import WAIT, wait_until
 
 import tsfn
 from tsfn import Closing
@@ -106,6 +108,27 @@ def block(name: str) -> None:
 
 def record_run(name: str) -> None:
     distributed.Event(name).set()
+
+
+def counted(emit: Emit, n: int, name: str) -> None:
+    """Records in a Dask Variable, before each emit, how many items it has tried."""
+    attempted = distributed.Variable(name)
+    for i in range(n):
+        attempted.set(i + 1)
+        emit(i)
+
+
+def open_fds(dask_worker: Any = None) -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def wait_open_fds(limits: dict[str, int], dask_worker: Any) -> int:
+    """On each worker: its open fds, once at most its own limit (threads end late)."""
+    limit = limits[dask_worker.address]
+    deadline = time.monotonic() + WAIT
+    while open_fds() > limit and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return open_fds()
 
 
 def die(emit: Emit, name: str) -> None:
@@ -221,3 +244,111 @@ async def test_a_dead_worker_ends_the_stream_with_killed_worker_after_its_items(
     with pytest.raises(distributed.scheduler.KilledWorker):
         await read_all(tsfn.stream(die, name, executor=client), got, arrived.set)
     assert got == [0, 1, 2]
+
+
+# -- backpressure ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_queue_size", [1, 5, 64])
+async def test_the_worker_is_never_more_than_max_queue_size_plus_one_ahead(
+    executor: Any, client: Any, max_queue_size: int, request: pytest.FixtureRequest
+) -> None:
+    """As in tests/test_process.py: the worker records each item it is about to emit,
+    the consumer checks after each read how many it holds in all, and at chosen points
+    stalls until the worker is at the bound (within the credits' granularity)."""
+    bound = max_queue_size + 1
+    n = 3 * bound + 20
+    attempted = distributed.Variable(request.node.name, client=client)
+
+    def at_least(value: int) -> bool:
+        return bool(attempted.get(timeout=WAIT) >= value)
+
+    consumed = 0
+    async with tsfn.stream(
+        counted, n, request.node.name, executor=executor, max_queue_size=max_queue_size
+    ) as items:
+        async for item in items:
+            assert item == consumed
+            consumed += 1
+            assert await asyncio.to_thread(attempted.get, timeout=WAIT) - consumed <= bound
+            if consumed in (1, n // 2):
+                near = consumed + bound - (max(1, max_queue_size // 4) - 1)
+                await asyncio.to_thread(wait_until, functools.partial(at_least, near))
+    assert consumed == n
+
+
+# -- cancellation and shutdown ---------------------------------------------------------
+
+
+async def test_cancelling_the_consumer_task_stops_the_dask_worker_first(
+    executor: Any, client: Any, request: pytest.FixtureRequest
+) -> None:
+    name = request.node.name
+    first = asyncio.Event()
+
+    async def consume() -> None:
+        async with tsfn.stream(endless, name, executor=executor, max_queue_size=4) as items:
+            async for _ in items:
+                first.set()
+
+    task = asyncio.ensure_future(consume())
+    await asyncio.wait_for(first.wait(), WAIT)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert distributed.Variable(name, client=client).get(timeout=WAIT) is True
+
+
+def test_loop_shutdown_with_a_dask_stream_running_tells_the_worker(
+    client: Any, request: pytest.FixtureRequest
+) -> None:
+    """A consumer task left running when main returns is cancelled by asyncio.run's
+    shutdown, which tells the Dask worker."""
+    client.wait_for_workers(2, timeout=WAIT)
+    name = request.node.name
+
+    async def main() -> None:
+        first = asyncio.Event()
+
+        async def consume() -> None:
+            async with tsfn.stream(endless, name, executor=client) as items:
+                async for _ in items:
+                    first.set()
+
+        task = asyncio.ensure_future(consume())  # left running: the shutdown ends it
+        await asyncio.wait_for(first.wait(), WAIT)
+        assert not task.done()
+
+    asyncio.run(main())
+    assert distributed.Variable(name, client=client).get(timeout=WAIT) is True
+
+
+# -- no leaks --------------------------------------------------------------------------
+
+
+def _tsfn_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name in ("tsfn-relay", "tsfn-hub")]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts fds in /proc/self/fd")
+async def test_many_streams_leak_no_fd_or_thread_here_or_on_the_workers(client: Any) -> None:
+    client.wait_for_workers(2, timeout=WAIT)
+
+    async def streams(count: int, n: int) -> None:
+        for _ in range(count):
+            async with tsfn.stream(count_to, n, executor=client) as items:
+                async for _ in items:
+                    pass
+
+    await streams(4, 10)  # both workers have connected to this process by now
+    await asyncio.to_thread(wait_until, lambda: not _tsfn_threads())
+    before = open_fds()
+    workers_before = await asyncio.to_thread(client.run, open_fds)
+    await streams(40, 100)
+    async with tsfn.stream(count_to, 10**9, executor=client) as items:
+        async for _ in items:
+            break  # and one left early
+    await asyncio.to_thread(wait_until, lambda: not _tsfn_threads())
+    assert open_fds() <= before  # fewer is fine: the hub's listener may have closed
+    workers_after = await asyncio.to_thread(client.run, wait_open_fds, workers_before)
+    assert all(workers_after[w] <= workers_before[w] for w in workers_before)
