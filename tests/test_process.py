@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
+import faulthandler
 import itertools
 import multiprocessing
 import os
@@ -148,6 +150,9 @@ def die(emit: Emit, how: str, arrived: Any) -> None:
     assert arrived.wait(WAIT), "the items never arrived"
     if how == "exit":
         os._exit(3)
+    if how == "segfault":
+        faulthandler.disable()  # -X dev enables it: its dump would only add noise
+        ctypes.string_at(0)  # reads address 0
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -503,6 +508,7 @@ def test_on_a_loop_that_watches_no_sockets_leaving_early_stops_the_worker(
     "how",
     [
         "exit",
+        "segfault",
         pytest.param(
             "kill", marks=pytest.mark.skipif(sys.platform == "win32", reason="no SIGKILL")
         ),
