@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import logging
 import multiprocessing
+import os
 import socket
 import struct
 import threading
@@ -175,6 +177,23 @@ def test_a_frame_cut_short_by_the_peer_is_an_error_not_an_end() -> None:
         theirs.close()
         with pytest.raises(ChannelError, match="in the middle of a frame"):
             Channel(ours).recv()
+
+
+class _TimedOut(socket.socket):
+    """A socket whose connection timed out (TCP keepalive, say): not a ConnectionError."""
+
+    def recv(self, bufsize: int, flags: int = 0, /) -> bytes:
+        raise TimeoutError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
+
+
+@pytest.mark.parametrize("read", ["recv", "read_now"])
+def test_a_connection_that_fails_is_an_end_of_stream_not_an_error(read: str) -> None:
+    # An error out of the loop's reader callback would be raised again on every
+    # turn of the loop; an end of stream ends the stream with the job's own error.
+    ours, theirs = socket.socketpair()
+    with theirs, _TimedOut(fileno=ours.detach()) as timed_out:
+        theirs.sendall(b"x")  # readable: read_now looks before it reads
+        assert getattr(Channel(timed_out), read)() is None
 
 
 # -- against a real stream -------------------------------------------------------------

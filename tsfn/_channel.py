@@ -175,8 +175,9 @@ class Channel:
         return True
 
     def recv(self) -> tuple[int, bytes] | None:
-        """The next frame, waiting for it; None at the peer's end of stream (or reset).
-        Raises ChannelError on a frame cut short or oversized."""
+        """The next frame, waiting for it; None at the peer's end of stream, or once
+        the connection failed (reset, timed out). Raises ChannelError on a frame cut
+        short or oversized."""
         while not self._ready:
             if not self._fill(wait=True):
                 return None
@@ -184,7 +185,8 @@ class Channel:
 
     def read_now(self) -> list[tuple[int, bytes]] | None:
         """The frames that have arrived, without waiting (maybe none); None at the
-        peer's end of stream (or reset). Raises ChannelError as `recv` does."""
+        peer's end of stream (or a failed connection). Raises ChannelError as `recv`
+        does."""
         if not self._ready and not self._fill(wait=False):
             return None
         frames = list(self._ready)
@@ -226,8 +228,12 @@ class Channel:
                 return True
         try:
             data = self.sock.recv(1 << 20)
-        except ConnectionError:
-            data = b""  # the peer's process died: as its end of stream
+        except BlockingIOError:
+            raise  # not the peer's doing: a socket left non-blocking, a bug to see
+        except OSError:
+            # Reset (the peer's process died), timed out, unreachable: the peer is
+            # gone, as at its end of stream. The job's outcome then says why.
+            data = b""
         if not data:
             if self._frames.pending():
                 raise ChannelError(

@@ -69,7 +69,7 @@ import functools
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sized
+from collections.abc import Callable
 from typing import Any, cast
 
 from ._checks import check_timeout
@@ -125,10 +125,10 @@ class ThreadsafeFunction(Handle[T, R]):
         initial_thread_count: int,
         finalizer: Finalizer | None,
         name: str | None,
-        unread: Sized | None = None,
+        reader: bool = False,
     ) -> None:
-        # The constructor, after the argument checks. `unread` (for `stream`'s subclass):
-        # delivered items wait there, and keep their slots until the reader frees them.
+        # The constructor, after the argument checks. `reader` (for `stream`'s subclass):
+        # delivered items wait for a reader, and keep their slots until it frees them.
         self._port = port
         self._callback = callback
         self._call_js = call_js
@@ -155,8 +155,8 @@ class ThreadsafeFunction(Handle[T, R]):
             threads=initial_thread_count,
             max_size=max_queue_size,
             # With a reader, slots are counted: an item taken out of the queue to be
-            # delivered into `unread` must not look like a free slot on its way there.
-            occupied=queue.__len__ if unread is None else None,
+            # delivered to the reader must not look like a free slot on its way there.
+            occupied=None if reader else queue.__len__,
             loop_closed=port.is_closed,
             on_loop_thread=port.on_loop_thread,
         )
@@ -165,10 +165,10 @@ class ThreadsafeFunction(Handle[T, R]):
         self._loop_closed = port.is_closed
         # What `call` admits without `admit`'s full checks: room below this length
         # (a stream's unread items take slots too: never).
-        self._room = (max_queue_size if unread is None else 0) if max_queue_size else sys.maxsize
+        self._room = (0 if reader else max_queue_size) if max_queue_size else sys.maxsize
         # Bounded: the queue length at which a drain wakes blocked producers; with a
         # reader, a drain frees nothing (the reader does).
-        self._low_water = max_queue_size // 2 if max_queue_size and unread is None else -1
+        self._low_water = max_queue_size // 2 if max_queue_size and not reader else -1
 
         # Loop thread only.
         self._results = Results(port)

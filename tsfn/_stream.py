@@ -19,7 +19,7 @@ import concurrent.futures
 import functools
 import threading
 from collections import deque
-from collections.abc import Callable, Sized
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Concatenate, Generic, NoReturn, TypeVar
 
@@ -71,25 +71,24 @@ def stream(
 class _ReaderBound(ThreadsafeFunction[Y, None]):
     """A function whose delivered items stay counted until their reader takes them.
 
-    `callback` moves each item into `unread`, and the reader calls `read_one` after
-    taking one out of it, so the queue and `unread` together hold at most
-    `max_queue_size` items. (The stream has checked the arguments.)
+    `callback` moves each item into the reader's buffer, and the reader calls
+    `read_one` after taking one out of it, so the queue and the buffer together hold
+    at most `max_queue_size` items. (The stream has checked the arguments.)
     """
 
     def __init__(
         self,
         callback: Callable[[Y], object],
-        unread: Sized,
         *,
         max_queue_size: int,
         finalizer: Callable[[Any], object],
         name: str,
     ) -> None:
         port = running_port("stream")
-        self._setup(port, callback, None, None, max_queue_size, 1, finalizer, name, unread)
+        self._setup(port, callback, None, None, max_queue_size, 1, finalizer, name, reader=True)
 
     def read_one(self) -> None:
-        """The reader took an item out of `unread`: its slot is free. Loop thread."""
+        """The reader took an item out of its buffer: its slot is free. Loop thread."""
         self._life.read_one()
 
 
@@ -114,7 +113,6 @@ class _Queued(Generic[Y]):
         self._wake = wake
         self.fn = _ReaderBound(
             self._on_item,
-            self._buffer,
             max_queue_size=0 if remote else max_queue_size,
             finalizer=end,
             name=name,
