@@ -198,3 +198,22 @@ def _logged_errors() -> Iterator[list[dict[str, Any]]]:
         yield errors
     finally:
         logger.removeHandler(handler)
+
+
+def return_with_a_consumer_running(stream: tsfn.Stream[Any, Any]) -> None:
+    """asyncio.run a main that returns while a task consumes `stream`: the loop's
+    shutdown cancels that task, with the stream's worker still emitting."""
+
+    async def main() -> None:
+        first = asyncio.Event()
+
+        async def consume() -> None:
+            async with stream as items:
+                async for _ in items:
+                    first.set()
+
+        task = asyncio.ensure_future(consume())  # left running: the shutdown ends it
+        await asyncio.wait_for(first.wait(), WAIT)
+        assert not task.done()
+
+    asyncio.run(main())

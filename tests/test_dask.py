@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from _helpers import WAIT, wait_until
+from _helpers import WAIT, return_with_a_consumer_running, wait_until
 
 import tsfn
 from tsfn import Closing
@@ -306,20 +306,7 @@ def test_loop_shutdown_with_a_dask_stream_running_tells_the_worker(
     shutdown, which tells the Dask worker."""
     client.wait_for_workers(2, timeout=WAIT)
     name = request.node.name
-
-    async def main() -> None:
-        first = asyncio.Event()
-
-        async def consume() -> None:
-            async with tsfn.stream(endless, name, executor=client) as items:
-                async for _ in items:
-                    first.set()
-
-        task = asyncio.ensure_future(consume())  # left running: the shutdown ends it
-        await asyncio.wait_for(first.wait(), WAIT)
-        assert not task.done()
-
-    asyncio.run(main())
+    return_with_a_consumer_running(tsfn.stream(endless, name, executor=client))
     assert distributed.Variable(name, client=client).get(timeout=WAIT) is True
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import anyio
 import pytest
-from _helpers import WAIT, until, wait_until
+from _helpers import WAIT, return_with_a_consumer_running, until, wait_until
 from _loops import asyncio_run
 
 import tsfn
@@ -392,20 +392,7 @@ def test_loop_shutdown_with_a_remote_stream_running_tells_the_worker(
     report = manager.dict()
     context = multiprocessing.get_context("forkserver")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-
-        async def main() -> None:
-            first = asyncio.Event()
-
-            async def consume() -> None:
-                async with tsfn.stream(endless, report, executor=pool) as items:
-                    async for _ in items:
-                        first.set()
-
-            task = asyncio.ensure_future(consume())  # left running: the shutdown ends it
-            await asyncio.wait_for(first.wait(), WAIT)
-            assert not task.done()
-
-        asyncio.run(main())
+        return_with_a_consumer_running(tsfn.stream(endless, report, executor=pool))
     assert dict(report) == {"stopped_by": "Closing", "cancelled": True}
 
 
