@@ -47,7 +47,14 @@ def anyio_backend() -> tuple[str, dict[str, Any]]:
 @pytest.fixture(scope="module")
 def client() -> Iterator[Any]:
     with (
-        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        dask.config.set(
+            {
+                "distributed.scheduler.allowed-failures": 0,
+                # Dask's profiler reads the frames of the workers' running threads,
+                # which crashes a free-threaded CPython (python/cpython#152355).
+                "distributed.worker.profile.enabled": False,
+            }
+        ),
         distributed.LocalCluster(
             n_workers=2,
             threads_per_worker=1,
