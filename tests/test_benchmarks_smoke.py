@@ -231,5 +231,9 @@ def test_the_wakeup_split_prints_a_row_per_method(capsys: pytest.CaptureFixture[
     _wakeup.main(["--n", "20", "--rounds", "1", "--loops", "asyncio"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| asyncio")]
     assert [row.split(" | ")[1] for row in rows] == list(_wakeup.VARIANTS)
-    # A split whose parts do not add up would show a negative loop part.
-    assert all(float(row.split(" | ")[-1].rstrip(" |")) > 0 for row in rows)
+    # Every column a number, the delay from a stamp to its callback positive. (The
+    # loop's part has no sign to check: on a loaded machine the callback can run
+    # before the producer thread, preempted, notes that its call returned.)
+    for row in rows:
+        p50, *_ = (float(column) for column in row.rstrip(" |").split(" | ")[2:])
+        assert p50 > 0
