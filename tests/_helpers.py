@@ -217,3 +217,20 @@ def return_with_a_consumer_running(stream: tsfn.Stream[Any, Any]) -> None:
         assert not task.done()
 
     asyncio.run(main())
+
+
+async def read_all(
+    stream: tsfn.Stream[Any, Any], got: list[Any], after_three: Callable[[], object] = lambda: None
+) -> None:
+    """Reads every item into `got`, calling `after_three` (in a worker thread: it may
+    block, as a manager's or a Dask client's call does) once three have come."""
+    async with stream as items:
+        async for item in items:
+            got.append(item)
+            if len(got) == 3:
+                await anyio.to_thread.run_sync(after_three)
+
+
+def remote_threads() -> list[str]:
+    """The threads tsfn runs in this process for remote streams, still alive."""
+    return [t.name for t in threading.enumerate() if t.name in ("tsfn-relay", "tsfn-hub")]

@@ -13,14 +13,13 @@ import asyncio
 import contextlib
 import functools
 import os
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
 import pytest
-from _helpers import WAIT, return_with_a_consumer_running, wait_until
+from _helpers import WAIT, read_all, remote_threads, return_with_a_consumer_running, wait_until
 
 import tsfn
 from tsfn import Closing
@@ -135,7 +134,7 @@ def dask_ports(client: Any) -> set[int]:
     return {int(address.rpartition(":")[2]) for address in addresses}
 
 
-def sockets(daskports: set[int], dask_worker: Any = None) -> int:
+def sockets(daskports: set[int]) -> int:
     """How many sockets this process holds, less those on Dask's ports (its connection
     pools open and close them as they please): tsfn's are among the rest. By fd, so
     that a socket closed but for its fd (in no connection table) counts too."""
@@ -182,17 +181,6 @@ async def test_every_item_arrives_in_order_then_the_result(executor: Any) -> Non
         got = [item async for item in items]
     assert got == list(range(5000))
     assert items.result == "counted to 5000"
-
-
-async def read_all(
-    stream: tsfn.Stream[Any, Any], got: list[Any], after_three: Callable[[], object] = lambda: None
-) -> None:
-    """Reads every item into `got`, calling `after_three` once three have come."""
-    async with stream as items:
-        async for item in items:
-            got.append(item)
-            if len(got) == 3:
-                await asyncio.to_thread(after_three)  # it may be a Dask client's call
 
 
 async def test_an_exception_arrives_after_the_items_with_the_remote_traceback(
@@ -348,10 +336,6 @@ def test_loop_shutdown_with_a_dask_stream_running_tells_the_worker(
 # -- no leaks --------------------------------------------------------------------------
 
 
-def _tsfn_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name in ("tsfn-relay", "tsfn-hub")]
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts fds in /proc/self/fd")
 async def test_many_streams_leak_no_socket_or_thread_here_or_on_the_workers(client: Any) -> None:
     client.wait_for_workers(2, timeout=WAIT)
@@ -364,14 +348,14 @@ async def test_many_streams_leak_no_socket_or_thread_here_or_on_the_workers(clie
                     pass
 
     await streams(4, 10)  # both workers have connected to this process by now
-    await asyncio.to_thread(wait_until, lambda: not _tsfn_threads())
+    await asyncio.to_thread(wait_until, lambda: not remote_threads())
     before = sockets(daskports)
     workers_before = await asyncio.to_thread(client.run, sockets, daskports)
     await streams(40, 100)
     async with tsfn.stream(count_to, 10**9, executor=client) as items:
         async for _ in items:
             break  # and one left early
-    await asyncio.to_thread(wait_until, lambda: not _tsfn_threads())
+    await asyncio.to_thread(wait_until, lambda: not remote_threads())
     # Fewer is fine: the hub's listener has closed.
     assert await asyncio.to_thread(wait_sockets, daskports, before) <= before
     after = await asyncio.to_thread(client.run, wait_worker_sockets, daskports, workers_before)

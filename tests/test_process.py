@@ -29,7 +29,14 @@ from typing import Any
 
 import anyio
 import pytest
-from _helpers import WAIT, return_with_a_consumer_running, until, wait_until
+from _helpers import (
+    WAIT,
+    read_all,
+    remote_threads,
+    return_with_a_consumer_running,
+    until,
+    wait_until,
+)
 from _loops import asyncio_run
 
 import tsfn
@@ -193,17 +200,6 @@ def block(gate: Any) -> None:
 
 def record_run(ran: Any) -> None:
     ran.set()
-
-
-async def read_all(
-    stream: tsfn.Stream[Any, Any], got: list[Any], after_three: Callable[[], object] = lambda: None
-) -> None:
-    """Reads every item into `got`, calling `after_three` once three have come."""
-    async with stream as items:
-        async for item in items:
-            got.append(item)
-            if len(got) == 3:
-                after_three()
 
 
 def notes(exc: BaseException) -> list[str]:
@@ -525,10 +521,6 @@ async def test_a_dead_worker_ends_the_stream_with_broken_process_pool_after_its_
     assert got == [0, 1, 2]
 
 
-def _tsfn_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name in ("tsfn-relay", "tsfn-hub")]
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts fds in /proc/self/fd")
 async def test_many_streams_leak_no_fd_thread_or_process(manager: SyncManager) -> None:
     context = multiprocessing.get_context("spawn")
@@ -541,7 +533,7 @@ async def test_many_streams_leak_no_fd_thread_or_process(manager: SyncManager) -
         async with tsfn.stream(count_to, 10, executor=pool) as items:
             async for _ in items:
                 pass  # the pool's processes and pipes exist from here on
-        wait_until(lambda: not _tsfn_threads())
+        wait_until(lambda: not remote_threads())
         before = open_fds()
         worker_before = max(pool.submit(open_fds).result() for _ in range(4))
         children = multiprocessing.active_children()
@@ -552,7 +544,7 @@ async def test_many_streams_leak_no_fd_thread_or_process(manager: SyncManager) -
         async with tsfn.stream(count_to, 10**9, executor=pool) as items:
             async for _ in items:
                 break  # and one left early
-        wait_until(lambda: not _tsfn_threads())
+        wait_until(lambda: not remote_threads())
         assert open_fds() <= before  # fewer is fine: a hub's listener may have closed
         worker_after = max(pool.submit(wait_open_fds, worker_before).result() for _ in range(4))
         assert worker_after <= worker_before
